@@ -1,0 +1,1 @@
+"""Graders and the benchmark registry (installed as ``aropd.evaluators``)."""
