@@ -1,49 +1,178 @@
-"""A seeded synthetic task whose worked solutions carry hindsight: chained arithmetic.
+"""A seeded synthetic task whose worked solutions carry hindsight: numbered chains of arithmetic mod 100.
 
-Each problem starts from a number and applies a chain of operations modulo 100; the reasoning writes
-one step per line and the answer is the last value. A teacher that sees the whole solution knows
-every intermediate value (and the answer) before the student has computed them — the privileged
-hindsight the method controls. ``steps`` sets the length, from a few tokens to about a thousand.
+A problem starts from a number and lists numbered operations; the worked solution restates each step
+with the running value and its result, and the answer is the last value::
+
+    question:  Start at 98. Working mod 100, apply #1 -2, #2 *7, #3 +5. Result?
+    reasoning: #1 98-2=96. #2 96*7=72. #3 72+5=77.
+    answer:    77
+
+Why privilege matters here. Every value depends on all earlier ones, so a student must compute the
+chain in order; a teacher that sees the full solution can copy any late value (and the answer) the
+moment it is needed, with no computation. A partial view (the first half of the reasoning plus the
+answer) knows the early values and the answer but must compute the late values itself. So the two
+teacher views agree on the first half of a trace and disagree exactly where hindsight helps, and
+once a student's chain goes wrong the full view still endorses the reference's late values, which
+no longer follow from the student's own prefix: a hindsight shortcut.
+
+Design choices:
+
+* Step labels ``#i`` make "which operation comes next" an exact lookup, so long chains stay
+  well-posed for a small model (an unlabelled list with repeated operations is ambiguous).
+* ``*`` only multiplies by 3, 7 or 9, units mod 100, so every operation is a bijection mod 100:
+  values (and answers) stay uniform on 0..99 instead of collapsing onto multiples of 10 or 0,
+  and an answer cannot be guessed from the operations without doing the chain.
+* Length is set by the number of steps: about 12 tokens of reasoning per step with a digit-level
+  tokenizer (``approx_response_tokens``), from ~30 tokens (2 steps) to ~1,000 (80 steps).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from pathlib import Path
 
-_OPS = ("+", "-", "*")
+MOD = 100
+OPERANDS: dict[str, tuple[int, ...]] = {
+    "+": tuple(range(1, 10)),
+    "-": tuple(range(1, 10)),
+    "*": (3, 7, 9),  # units mod 100: multiplication stays a bijection
+}
+# Rough response length (tokens, digit-level tokenizer): trace tags + answer + EOS, plus per step.
+_TOKENS_BASE, _TOKENS_PER_STEP = 10, 12.0
+
+_STEP = re.compile(r"#(\d+) (\d+)([-+*])(\d+)=(\d+)\.")
+_QUESTION = re.compile(r"Start at (\d+)\. Working mod (\d+), apply (.*)\. Result\?")
 
 
-def make_problem(rng: random.Random, steps: int) -> dict[str, str]:
-    value = rng.randrange(1, 100)
-    ops = [(rng.choice(_OPS), rng.randrange(2, 10)) for _ in range(steps)]
-    question = f"Start at {value}. " + " ".join(f"{o}{k}" for o, k in ops) + " (mod 100). Result?"
+def apply_op(value: int, op: str, k: int, mod: int = MOD) -> int:
+    if op == "+":
+        return (value + k) % mod
+    if op == "-":
+        return (value - k) % mod
+    if op == "*":
+        return (value * k) % mod
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = ("+", "-", "*")) -> dict[str, str]:
+    """One problem with ``steps`` operations: ``{"question", "reasoning", "answer"}``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    value = rng.randrange(MOD)
+    chain = []
+    for _ in range(steps):
+        op = rng.choice(ops)
+        chain.append((op, rng.choice(OPERANDS[op])))
+    question = (
+        f"Start at {value}. Working mod {MOD}, apply "
+        + ", ".join(f"#{i} {o}{k}" for i, (o, k) in enumerate(chain, 1))
+        + ". Result?"
+    )
     lines = []
-    for o, k in ops:
-        new = {"+": value + k, "-": value - k, "*": value * k}[o] % 100
-        lines.append(f"{value}{o}{k}={new}")
+    for i, (o, k) in enumerate(chain, 1):
+        new = apply_op(value, o, k)
+        lines.append(f"#{i} {value}{o}{k}={new}.")
         value = new
     return {"question": question, "reasoning": " ".join(lines), "answer": str(value)}
 
 
-def make_split(n: int, seed: int, min_steps: int = 2, max_steps: int = 6, exclude: set[str] | None = None):
-    """``n`` distinct problems (no question repeated, none in ``exclude``)."""
+def parse_question(question: str) -> tuple[int, list[tuple[str, int]]]:
+    """The start value and the ``(op, k)`` chain of a question written by :func:`make_problem`."""
+    m = _QUESTION.fullmatch(question)
+    if not m or int(m.group(2)) != MOD:
+        raise ValueError(f"not a toy question: {question!r}")
+    chain = []
+    for i, item in enumerate(m.group(3).split(", "), 1):
+        label, op = item.split(" ")
+        if label != f"#{i}" or op[0] not in OPERANDS:
+            raise ValueError(f"bad step {item!r} in {question!r}")
+        chain.append((op[0], int(op[1:])))
+    return int(m.group(1)), chain
+
+
+def solve(question: str) -> int:
+    """The answer of a toy question, computed from the question alone."""
+    value, chain = parse_question(question)
+    for op, k in chain:
+        value = apply_op(value, op, k)
+    return value
+
+
+def check_reasoning(problem: dict[str, str]) -> list[str]:
+    """Problems with a worked solution (empty when every step follows from the question and the last)."""
+    value, chain = parse_question(problem["question"])
+    steps = _STEP.findall(problem["reasoning"])
+    errors = []
+    if " ".join(f"#{i} {a}{o}{k}={b}." for i, a, o, k, b in steps) != problem["reasoning"]:
+        errors.append("reasoning is not a sequence of '#i a<op>k=b.' steps")
+    if len(steps) != len(chain):
+        errors.append(f"{len(steps)} steps in the reasoning, {len(chain)} in the question")
+    for n, ((i, a, o, k, b), (op, kk)) in enumerate(zip(steps, chain), 1):
+        if int(i) != n or int(a) != value or (o, int(k)) != (op, kk) or int(b) != apply_op(value, op, kk):
+            errors.append(f"step {n} is wrong: #{i} {a}{o}{k}={b}.")
+        value = apply_op(value, op, kk)
+    if problem["answer"] != str(value):
+        errors.append(f"answer {problem['answer']!r} != {value}")
+    return errors
+
+
+def approx_response_tokens(steps: int) -> int:
+    """Roughly how many tokens a trace of ``steps`` steps takes with the toy-base tokenizer."""
+    return round(_TOKENS_BASE + _TOKENS_PER_STEP * steps)
+
+
+def steps_for_tokens(tokens: int) -> int:
+    """The number of steps whose trace takes about ``tokens`` tokens (the length knob in tokens)."""
+    return max(1, math.floor((tokens - _TOKENS_BASE) / _TOKENS_PER_STEP))
+
+
+def make_split(
+    n: int,
+    seed: int,
+    min_steps: int = 2,
+    max_steps: int = 8,
+    exclude: set[str] | None = None,
+    long_frac: float = 0.0,
+    long_steps: tuple[int, int] = (24, 80),
+    ops: tuple[str, ...] = ("+", "-", "*"),
+) -> list[dict[str, str]]:
+    """``n`` distinct problems (no question repeated, none in ``exclude``).
+
+    Step counts are uniform on ``[min_steps, max_steps]``; ``round(n * long_frac)`` of the problems
+    (spread through the split) instead draw from ``long_steps`` for long-rollout length buckets.
+    """
+    if not 1 <= min_steps <= max_steps:
+        raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
     rng, seen, out = random.Random(seed), set(exclude or ()), []
+    n_long = round(n * long_frac)
+    is_long = set(rng.sample(range(n), n_long)) if n_long else set()
     while len(out) < n:
-        p = make_problem(rng, rng.randint(min_steps, max_steps))
+        lo, hi = long_steps if len(out) in is_long else (min_steps, max_steps)
+        p = make_problem(rng, rng.randint(lo, hi), ops)
         if p["question"] not in seen:
             seen.add(p["question"])
             out.append(p)
     return out
 
 
-def write_splits(out_dir: str | Path, sizes: dict[str, int], seed: int = 0, **kw) -> dict[str, Path]:
-    """Write disjoint ``<split>.jsonl`` files; each split's seed is derived from ``seed``."""
+def read_split(path: str | Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_splits(
+    out_dir: str | Path, sizes: dict[str, int], seed: int = 0, split_kw: dict[str, dict] | None = None, **kw
+) -> dict[str, Path]:
+    """Write disjoint ``<split>.jsonl`` files; each split's seed is derived from ``seed``.
+
+    ``kw`` goes to every :func:`make_split`; ``split_kw[split]`` overrides it for one split.
+    """
     out_dir, used, paths = Path(out_dir), set(), {}
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (split, n) in enumerate(sizes.items()):
-        rows = make_split(n, seed * 1000 + i, exclude=used, **kw)
+        rows = make_split(n, seed * 1000 + i, exclude=used, **{**kw, **(split_kw or {}).get(split, {})})
         used.update(r["question"] for r in rows)
         paths[split] = out_dir / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))

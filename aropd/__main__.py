@@ -1,0 +1,3 @@
+from aropd.cli import main
+
+main()

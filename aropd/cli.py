@@ -1,0 +1,36 @@
+"""``aropd fit|validate`` — LightningCLI over the distillation module and the privileged data."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from aropd.data import PrivilegedDataModule
+from aropd.module import PrivilegedDistillation
+
+
+class AropdCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data is tokenized for the student and cut to its rollout budget: these must stay equal.
+        parser.link_arguments("model.init_args.student", "data.init_args.tokenizer")
+        parser.link_arguments("model.init_args.sampling.max_new_tokens", "data.init_args.max_new_tokens")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"TensorBoard logs: {self.trainer.log_dir}  (tensorboard --logdir {self.trainer.log_dir})")
+
+
+def main(args: list[str] | None = None) -> AropdCLI:
+    return AropdCLI(
+        PrivilegedDistillation,
+        PrivilegedDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

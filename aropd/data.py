@@ -1,0 +1,293 @@
+"""Training data with privileged views, and benchmark prompts for validation.
+
+Records carry a question, a reference reasoning and a final answer. Each becomes three prompts —
+student (question only), full view and partial view — plus the reference response for SFT, all
+tokenized once at set-up with the student's chat template.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from aropd.views import PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAIN = str(Path(__file__).parent / "assets" / "toy" / "train.jsonl")
+
+
+@dataclass
+class FieldNames:
+    """Which record fields hold the question, the reference reasoning and the final answer."""
+
+    question: str = "question"
+    reasoning: str = "reasoning"
+    answer: str = "answer"
+
+
+@dataclass
+class BenchmarkSpec:
+    """A benchmark to validate on (see ``aropd.evaluators``)."""
+
+    name: str
+    """Registered benchmark name, e.g. ``math500`` or ``toy``."""
+    data_path: str | None = None
+    """Local JSONL / parquet / saved-``datasets`` folder in the benchmark's schema, instead of the hub."""
+    limit: int | None = None
+    """Use only the first ``limit`` records."""
+
+
+def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a JSONL/JSON/parquet file, a saved ``datasets`` folder, or a hub dataset id.
+
+    JSONL is read line by line so an error can name the line; the rest goes through ``datasets``.
+    """
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"training data file not found: {source}")
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}: record {len(rows)} (line {i + 1}) is not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{source}: record {len(rows)} (line {i + 1}) is not a JSON object")
+            rows.append(row)
+        return rows
+    import datasets
+
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise FileNotFoundError(f"training data file not found: {source}")
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    elif path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(source, split=split)
+    return list(ds)
+
+
+def check_records(rows: list[dict[str, Any]], fields: FieldNames, source: str) -> None:
+    """Every record must have every field as a non-empty value; all problems are reported at once."""
+    problems = []
+    for i, row in enumerate(rows):
+        for f in (fields.question, fields.reasoning, fields.answer):
+            value = row.get(f)
+            if value is None or (isinstance(value, str) and not value.strip() and f != fields.reasoning):
+                problems.append(f"{source}: record {i}: missing field {f!r}")
+            elif not isinstance(value, (str, int, float)):
+                problems.append(f"{source}: record {i}: field {f!r} must be text, got {type(value).__name__}")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError("; ".join(problems[:10]) + more)
+
+
+class PrivilegedExample(NamedTuple):
+    student: list[int]
+    full: list[int]
+    partial: list[int]
+    reference: list[int]  # the reference response + EOS (the SFT target)
+    answer: str
+    truncated: bool  # a view's reasoning had to be shortened to fit its budget
+
+
+def build_example(tokenizer, template: PromptTemplate, q: str, r: str, a: str, budget) -> PrivilegedExample:
+    student = render(tokenizer, template.student_messages(q))
+    if len(student) > budget.max_prompt_tokens:
+        raise PromptTooLong(f"student prompt has {len(student)} tokens > max_prompt_tokens")
+    full = teacher_prompt(tokenizer, template, q, r, a, budget.max_teacher_tokens)
+    part = teacher_prompt(tokenizer, template, q, partial_view(r, budget.partial_ratio), a, budget.max_teacher_tokens)
+    reference = tokenizer(template.format_trace(r, a), add_special_tokens=False)["input_ids"]
+    reference = reference[: budget.max_new_tokens - 1] + [tokenizer.eos_token_id]
+    return PrivilegedExample(student, full.ids, part.ids, reference, a, full.truncated or part.truncated)
+
+
+class PrivilegedBatch(NamedTuple):
+    """A collated batch of privileged examples. Prompts are left-padded, references right-padded."""
+
+    student_ids: torch.Tensor
+    student_mask: torch.Tensor
+    full_ids: torch.Tensor
+    full_mask: torch.Tensor
+    partial_ids: torch.Tensor
+    partial_mask: torch.Tensor
+    reference_ids: torch.Tensor
+    reference_mask: torch.Tensor
+    privileged_len: torch.Tensor  # [B] full-view prompt tokens minus student prompt tokens
+    answers: list[str]
+
+
+class PromptBatch(NamedTuple):
+    """A batch of benchmark prompts for validation."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    records: list[dict[str, Any]]
+    benchmark: str
+
+
+def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def collate_privileged(examples: list[PrivilegedExample], pad_id: int) -> PrivilegedBatch:
+    s, sm = pad([e.student for e in examples], pad_id, left=True)
+    f, fm = pad([e.full for e in examples], pad_id, left=True)
+    p, pm = pad([e.partial for e in examples], pad_id, left=True)
+    r, rm = pad([e.reference for e in examples], pad_id, left=False)
+    priv = torch.tensor([len(e.full) - len(e.student) for e in examples])
+    return PrivilegedBatch(s, sm, f, fm, p, pm, r, rm, priv, [e.answer for e in examples])
+
+
+class PrivilegedDataModule(L.LightningDataModule):
+    """Training records → student / full-view / partial-view prompts; benchmarks → validation prompts."""
+
+    def __init__(
+        self,
+        tokenizer: str = "aropd/assets/tiny-llama",
+        train: list[str] | str = DEFAULT_TRAIN,
+        train_split: str = "train",
+        fields: FieldNames | None = None,
+        template: PromptTemplate | None = None,
+        partial_ratio: float = 0.5,
+        max_prompt_tokens: int = 512,
+        max_teacher_tokens: int = 1024,
+        max_new_tokens: int = 128,
+        batch_size: int = 8,
+        val_benchmarks: list[BenchmarkSpec] | None = None,
+        val_batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            tokenizer: The student's tokenizer (linked to ``model.init_args.student`` by the CLI).
+            train: Training sources: JSONL/parquet files, saved ``datasets`` folders, or hub ids.
+            train_split: Split to read from hub datasets and saved ``DatasetDict`` folders.
+            fields: Record field names of the question, reasoning and answer.
+            template: Wording of the student and teacher prompts.
+            partial_ratio: Fraction ρ of the reasoning in the partial view, in [0, 1].
+            max_prompt_tokens: Budget of the student prompt; longer questions are dropped and counted.
+            max_teacher_tokens: Budget of each teacher prompt; the trace's reasoning is shortened to fit.
+            max_new_tokens: Completion budget (linked to the model's rollout budget); caps SFT targets.
+            batch_size: Prompts per training micro-batch (per device).
+            val_benchmarks: Benchmarks for validation (``aropd validate`` and in-``fit`` validation).
+            val_batch_size: Prompts per validation batch.
+            num_workers: DataLoader worker processes.
+            seed: Shuffling seed.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        problems = []
+        if not 0.0 <= partial_ratio <= 1.0:
+            problems.append(f"partial_ratio must be in [0, 1], got {partial_ratio}")
+        for name in ("max_prompt_tokens", "max_teacher_tokens", "max_new_tokens", "batch_size", "val_batch_size"):
+            if getattr(self.hparams, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self.hparams, name)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.train_sources = [train] if isinstance(train, str) else list(train)
+        self.fields = fields or FieldNames()
+        self.template = template or PromptTemplate()
+        self.partial_ratio = partial_ratio
+        self.max_prompt_tokens, self.max_teacher_tokens = max_prompt_tokens, max_teacher_tokens
+        self.max_new_tokens = max_new_tokens
+        self.val_benchmarks = list(val_benchmarks or [])
+        self._tokenizer = None
+        self.train_examples: list[PrivilegedExample] | None = None
+        self.val_sets: list[tuple[Any, list[dict[str, Any]]]] | None = None
+        self.stats: dict[str, int] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from aropd.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_examples is None:
+            self.train_examples = self._build_train()
+        if stage in (None, "fit", "validate") and self.val_sets is None:
+            self.val_sets = []
+            for spec in self.val_benchmarks:
+                from aropd.evaluators import get_benchmark
+
+                bench = get_benchmark(spec.name)
+                self.val_sets.append((bench, bench.load(spec.data_path, limit=spec.limit)))
+
+    def _build_train(self) -> list[PrivilegedExample]:
+        rows_by_source = [(src, load_records(src, self.hparams.train_split)) for src in self.train_sources]
+        for src, rows in rows_by_source:  # every source checked before any tokenization
+            check_records(rows, self.fields, src)
+        examples, dropped, truncated = [], 0, 0
+        f = self.fields
+        for src, rows in rows_by_source:
+            for row in rows:
+                q, r, a = (str(row[k]) for k in (f.question, f.reasoning, f.answer))
+                try:
+                    ex = build_example(self.tokenizer, self.template, q, r, a, self)
+                except PromptTooLong:
+                    dropped += 1
+                    continue
+                truncated += ex.truncated
+                examples.append(ex)
+        self.stats = {"examples": len(examples), "dropped_too_long": dropped, "truncated_trace": truncated}
+        if dropped or truncated:
+            log.warning(
+                "training data: %d records dropped (question over budget), %d traces shortened to fit", dropped, truncated
+            )
+        if not examples:
+            raise ValueError(f"no usable training records in {self.train_sources}")
+        return examples
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.train_examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            generator=g,
+            drop_last=len(self.train_examples) >= self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=functools.partial(collate_privileged, pad_id=self.tokenizer.pad_token_id),
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                records,
+                batch_size=self.hparams.val_batch_size,
+                shuffle=False,
+                num_workers=self.hparams.num_workers,
+                collate_fn=lambda recs, bench=bench: self._collate_prompts(bench, recs),
+            )
+            for bench, records in self.val_sets
+        ]
+
+    def _collate_prompts(self, bench, records: list[dict[str, Any]]) -> PromptBatch:
+        seqs = [render(self.tokenizer, self.template.student_messages(bench.prompt(r))) for r in records]
+        ids, mask = pad(seqs, self.tokenizer.pad_token_id, left=True)
+        return PromptBatch(ids, mask, records, bench.name)

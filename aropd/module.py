@@ -1,0 +1,270 @@
+"""The LightningModule: student rollout → dual-view teacher scoring → anchored residual distillation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from aropd.data import PrivilegedBatch, PromptBatch
+from aropd.loss import StepRecord, distillation_loss, sequence_weights, sft_loss
+from aropd.metrics import BucketAccuracy
+from aropd.models import load_causal_lm, load_tokenizer
+from aropd.rollout import HFGenerate, Rollout, RolloutEngine, SamplingConfig, eos_ids_of, seeded
+from aropd.targets import anchored_residual_target, check_lam_clip
+from aropd.teachers import EMATeacher, Teacher, completion_hidden, left_pad_stack
+
+Method = Literal["ar_opd", "full_opd", "partial_opd", "sft"]
+# Methods are presets of one module: (λ, clip) that override the configured ones; None keeps them.
+PRESETS: dict[str, tuple[float, float | None] | None] = {
+    "ar_opd": None,
+    "full_opd": (1.0, None),
+    "partial_opd": (0.0, None),
+    "sft": None,
+}
+
+
+class PrivilegedDistillation(L.LightningModule):
+    """Privileged on-policy distillation; Full OPD, Partial OPD, AR-OPD and SFT are presets of it."""
+
+    def __init__(
+        self,
+        student: str = "aropd/assets/tiny-llama",
+        teacher: Teacher | None = None,
+        method: Method = "ar_opd",
+        lam: float = 0.8,
+        clip: float | None = 5.0,
+        divergence: Literal["forward_kl", "reverse_kl", "jsd", "sampled_token"] = "forward_kl",
+        jsd_beta: float = 0.5,
+        skip_tokens: int = 0,
+        sampling: SamplingConfig | None = None,
+        engine: RolloutEngine | None = None,
+        val_max_new_tokens: int | None = None,
+        loss_chunk_size: int | None = 256,
+        support_top_p: float | None = 0.9,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            student: Hub id, local folder or ``folder/file.gguf`` of the student causal LM.
+            teacher: Teacher scheme: ``EMATeacher`` (default, α = 0.01), ``FrozenTeacher`` or ``SeparateTeacher``.
+            method: ``ar_opd`` (anchored residual), ``full_opd`` (= λ 1, no clip), ``partial_opd`` (= λ 0), or ``sft``.
+            lam: Residual scale λ ≥ 0 of ``ar_opd``.
+            clip: Residual clip c > 0 in nats of ``ar_opd``; null for no clip.
+            divergence: Per-position divergence between target and student.
+            jsd_beta: β of the generalized JSD (0 = forward KL, 1 = reverse KL).
+            skip_tokens: The first k completion tokens carry no loss.
+            sampling: Rollout sampling (max new tokens, temperature, top-p, top-k).
+            engine: Rollout engine (default: transformers' ``generate``).
+            val_max_new_tokens: Cap on each benchmark's generation budget during validation.
+            loss_chunk_size: Completion positions per chunk of the memory-bounded loss; null = unchunked.
+            support_top_p: Nucleus mass for the support-mismatch diagnostics; null turns them off.
+            dtype: Parameter dtype the student (and a copied teacher) are loaded in.
+            gradient_checkpointing: Recompute the student's activations in backward to save memory.
+            optimizer: Optimizer class and arguments.
+            scheduler: Learning-rate scheduler; ``aropd.schedules.WarmupCosine`` learns its length from the trainer.
+            seed: Seed of the rollout sampling streams (one per epoch, batch and rank).
+        """
+        super().__init__()
+        problems = []
+        try:
+            check_lam_clip(lam, clip)
+        except ValueError as e:
+            problems.append(str(e))
+        if not 0 <= jsd_beta <= 1:
+            problems.append(f"jsd_beta must be in [0, 1], got {jsd_beta}")
+        if skip_tokens < 0:
+            problems.append(f"skip_tokens must be >= 0, got {skip_tokens}")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            problems.append(f"loss_chunk_size must be >= 1 or null, got {loss_chunk_size}")
+        if support_top_p is not None and not 0 < support_top_p <= 1:
+            problems.append(f"support_top_p must be in (0, 1] or null, got {support_top_p}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.save_hyperparameters(ignore=["teacher", "engine", "optimizer", "scheduler", "sampling"])
+        self.lam, self.clip = PRESETS[method] or (lam, clip)
+        self.method = method
+        self.teacher = teacher if teacher is not None else EMATeacher()
+        self.engine = engine if engine is not None else HFGenerate()
+        self.sampling = sampling if sampling is not None else SamplingConfig()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.tokenizer = load_tokenizer(student)
+        self.student: torch.nn.Module | None = None
+        self.teacher_model: torch.nn.Module | None = None
+        self.val_metrics = torch.nn.ModuleDict()
+        self._val_rows: dict[str, list[dict[str, Any]]] = {}
+
+    # ---- models -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.student is not None:  # idempotent: Lightning may call it more than once
+            return
+        self.student = load_causal_lm(self.hparams.student, self.hparams.dtype).train()
+        if self.hparams.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.method != "sft":
+            self.teacher_model = self.teacher.build(self.student, self.tokenizer)
+        self.eos_ids = eos_ids_of(self.student, self.tokenizer)
+
+    def target_fn(self, full_lp: torch.Tensor, partial_lp: torch.Tensor) -> torch.Tensor:
+        return anchored_residual_target(full_lp, partial_lp, self.lam, self.clip)
+
+    @property
+    def synced_generation(self) -> bool:
+        """Sharded parameters need every rank in every forward, so generation must stop in step."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return False
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    def rollout_seed(self, batch_idx: int, stream: int = 0) -> int:
+        epoch = self.current_epoch if self._trainer is not None else 0
+        rank = self.global_rank if self._trainer is not None else 0
+        key = (((self.hparams.seed * 1_000_003 + stream) * 1_000_003 + epoch) * 1_000_003 + batch_idx) * 65_537 + rank
+        return key % (2**63 - 1)
+
+    @torch.no_grad()
+    def rollout(self, prompt_ids, prompt_mask, sampling: SamplingConfig, seed: int) -> Rollout:
+        """Sample completions from the student (eval mode, KV cache, seeded stream)."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with seeded(seed, prompt_ids.device):
+                return self.engine.generate(
+                    self.student, prompt_ids, prompt_mask, sampling, self.eos_ids,
+                    self.tokenizer.pad_token_id, synced=self.synced_generation,
+                )
+        finally:
+            self.student.train(was_training)
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: PrivilegedBatch, batch_idx: int):
+        head = self.student.get_output_embeddings()
+        chunk = self.hparams.loss_chunk_size
+        if self.method == "sft":
+            ref = Rollout(batch.student_ids, batch.student_mask, batch.reference_ids, batch.reference_mask)
+            loss = sft_loss(completion_hidden(self.student, *ref), head, ref.completion_ids, ref.completion_mask, chunk)
+            self._log_train(loss, ref.completion_mask, {})
+            return loss
+        rollout = self.rollout(batch.student_ids, batch.student_mask, self.sampling, self.rollout_seed(batch_idx))
+        with torch.no_grad():  # both views in one batched forward: full rows first, then partial
+            ids, mask = left_pad_stack(
+                batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, self.tokenizer.pad_token_id
+            )
+            teacher_h = completion_hidden(
+                self.teacher_model, ids, mask, rollout.completion_ids.repeat(2, 1), rollout.completion_mask.repeat(2, 1)
+            )
+        student_h = completion_hidden(self.student, *rollout)
+        loss, per_pos = distillation_loss(
+            student_h, teacher_h, head, self.teacher_model.get_output_embeddings(),
+            rollout.completion_ids, rollout.completion_mask, self.target_fn, self.clip,
+            divergence=self.hparams.divergence, jsd_beta=self.hparams.jsd_beta,
+            skip_tokens=self.hparams.skip_tokens, chunk_size=chunk, support_top_p=self.hparams.support_top_p,
+        )
+        record = StepRecord(
+            mask=rollout.completion_mask.float(), completion_ids=rollout.completion_ids,
+            mismatch=per_pos.pop("mismatch", None), privileged_len=batch.privileged_len,
+            answers=batch.answers, **per_pos,
+        )
+        self._log_train(loss, rollout.completion_mask, {"kl_target_student": record.kl, "privileged_shift": record.shift})
+        return {"loss": loss, "record": record}
+
+    def _log_train(self, loss: torch.Tensor, mask: torch.Tensor, per_position: dict[str, torch.Tensor]) -> None:
+        bs = mask.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/completion_len", mask.sum(-1).float().mean(), prog_bar=True, batch_size=bs)
+        w = sequence_weights(mask)  # token mean per sequence, then over sequences, as the loss
+        for name, values in per_position.items():
+            self.log(f"train/{name}", (w * values).sum(), batch_size=bs)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher_model is not None:
+            self.teacher.update(self.teacher_model, self.student)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt)
+        if hasattr(sched, "set_total_steps"):
+            sched.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _benchmark(self, name: str):
+        from aropd.evaluators import get_benchmark
+
+        return get_benchmark(name)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = {}
+        for metric in self.val_metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        from aropd.evaluators.results import sample_rows
+
+        bench = self._benchmark(batch.benchmark)
+        budget = min(bench.max_new_tokens, self.hparams.val_max_new_tokens or math.inf)
+        sampling = SamplingConfig(max_new_tokens=int(budget), temperature=0.0)
+        r = self.rollout(batch.prompt_ids, batch.prompt_mask, sampling, self.rollout_seed(batch_idx, 1 + dataloader_idx))
+        lengths = r.completion_mask.sum(-1)
+        responses = self.tokenizer.batch_decode(
+            [ids[: int(n)] for ids, n in zip(r.completion_ids, lengths)], skip_special_tokens=True
+        )
+        verdicts = bench.grade(responses, batch.records)
+        if bench.name not in self.val_metrics:
+            self.val_metrics[bench.name] = BucketAccuracy().to(self.device)
+        correct = torch.tensor([v.correct for v in verdicts], device=self.device)
+        self.val_metrics[bench.name].update(correct, lengths)
+        rows = sample_rows(bench, batch.records, responses, verdicts, lengths.tolist())
+        self._val_rows.setdefault(bench.name, []).extend(rows)
+
+    def on_validation_epoch_end(self) -> None:
+        from aropd.buckets import bucket_names
+
+        accs = []
+        for name, metric in self.val_metrics.items():
+            if metric.update_count == 0:
+                continue
+            acc, bucket_acc, counts = metric.compute()
+            accs.append(acc)
+            self.log(f"val/{name}/accuracy", acc, add_dataloader_idx=False)
+            for tag, a, n in zip(bucket_names("len"), bucket_acc, counts):
+                self.log(f"val/{name}/count_{tag}", n.float(), add_dataloader_idx=False)
+                if n > 0:
+                    self.log(f"val/{name}/acc_{tag}", a, add_dataloader_idx=False)
+        if accs:
+            self.log("val/average/accuracy", torch.stack(accs).mean(), prog_bar=True, add_dataloader_idx=False)
+        self._write_results()
+
+    def _write_results(self) -> None:
+        trainer = self.trainer
+        if trainer.sanity_checking or not self._val_rows:
+            return
+        from aropd.evaluators.results import write_results
+
+        gathered: list[dict] = [self._val_rows]
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, self._val_rows)
+        if not trainer.is_global_zero:
+            return
+        rows: dict[str, list] = {}
+        for part in gathered:
+            for name, r in part.items():
+                rows.setdefault(name, []).extend(r)
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        out = root / "validate" if trainer.state.fn == "validate" else root / "val" / f"step_{self.global_step}"
+        write_results(out, rows, {"student": self.hparams.student, "global_step": self.global_step, "method": self.method})
