@@ -1,0 +1,106 @@
+"""``aropd-score``: grade already generated responses without a model.
+
+    aropd-score --benchmark humaneval --responses samples.jsonl --out scored/ [--data problems.jsonl]
+
+``--responses`` is a JSONL file with one object per sample: ``id`` (the value of the benchmark's id
+field, e.g. HumanEval's ``task_id``) and ``response`` (the model's raw text). Several lines with the
+same id are several samples of that problem (pass@k is then reported). Prints one JSON object with
+``benchmark``, ``n``, ``accuracy`` and more on standard output, and writes ``<benchmark>.jsonl`` and
+``results.json`` into ``--out``. Response length is counted with ``--tokenizer`` when given, else in
+whitespace-separated tokens (``length_unit`` says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .base import RecordError
+from .registry import BENCHMARKS, get_benchmark
+from .results import sample_rows, write_results
+
+
+def read_responses(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"responses file {path!r} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise RecordError(f"{path}: line {n}: expected a JSON object")
+        for key in ("id", "response"):
+            if key not in row:
+                raise RecordError(f"{path}: line {n}: missing field {key!r}")
+        if not isinstance(row["response"], str):
+            raise RecordError(f"{path}: line {n}: field 'response' should be a string")
+        rows.append(row)
+    return rows
+
+
+def _lengths(texts: list[str], tokenizer: str | None) -> tuple[list[int], str]:
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts], f"tokens ({tokenizer})"
+    return [len(t.split()) for t in texts], "whitespace tokens (no tokenizer given)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="aropd-score", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--benchmark", required=True, help=f"one of: {', '.join(sorted(BENCHMARKS))}")
+    ap.add_argument("--responses", required=True, help="JSONL with fields id and response")
+    ap.add_argument("--out", required=True, help="output folder for <benchmark>.jsonl and results.json")
+    ap.add_argument("--data", default=None, help="local file with the benchmark's records (its hub schema)")
+    ap.add_argument("--workers", type=int, default=None, help="parallel grading processes")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer (path or name) to count response lengths")
+    return ap
+
+
+def score(args: argparse.Namespace) -> dict:
+    b = get_benchmark(args.benchmark)
+    records = b.load(args.data)
+    by_id = {str(r[b.id_field]): r for r in records}
+    rows = read_responses(args.responses)
+    missing = [str(r["id"]) for r in rows if str(r["id"]) not in by_id]
+    if missing:
+        raise RecordError(f"{args.responses}: {len(missing)} response id(s) not in {b.name} "
+                          f"(its {b.id_field!r} field), e.g. {missing[:3]}")
+    recs = [by_id[str(r["id"])] for r in rows]
+    texts = [r["response"] for r in rows]
+    verdicts = b.grade(texts, recs, workers=args.workers)
+    lengths, unit = _lengths(texts, args.tokenizer)
+    sample = sample_rows(b, recs, texts, verdicts, lengths)
+    meta = {"source": "aropd-score", "benchmark": b.name, "responses": str(args.responses),
+            "data": args.data, "length_unit": unit}
+    summary = write_results(args.out, {b.name: sample}, meta)
+    s = summary["benchmarks"][b.name]
+    out = {"benchmark": b.name, "n": s["n"], "accuracy": s["accuracy"], "correct": s["correct"],
+           "n_problems": s["n_problems"], "no_answer": s["no_answer"], "pass_at_k": s["pass_at_k"],
+           "length_unit": unit, "out": str(args.out)}
+    if "isolation" in s:
+        out["isolation"] = s["isolation"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = score(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RecordError is a ValueError
+        print(f"aropd-score: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
