@@ -1,0 +1,849 @@
+"""Turn public sources into aropd training JSONL: ``question``, ``reasoning``, ``answer``.
+
+Each line also carries ``source`` (the source name: ``math``, ``code`` or ``medical``) and
+``source_index`` (the row's index in the input split). A manifest ``<out stem>.manifest.json`` is
+written next to the output with the counts in and out, every dropped row's index under its reason,
+the seed, the arguments and the sha256 of the output.
+
+Sources and how a row is split (every rule below is tested on hand-worked rows):
+
+* ``math`` — NuminaMath-CoT (``AI-MO/NuminaMath-CoT``). The question is ``problem`` and the
+  solution ``solution``; a row without both as non-empty strings is read from ``messages``, which
+  must be exactly one user turn then one assistant turn. The answer is the content of the last
+  ``\\boxed{...}`` (nested braces matched, ``\\{``/``\\}`` are literal). The reasoning is the
+  solution with every ``\\boxed{X}`` replaced by its content ``X``, so the closing sentence stays
+  whole ("the answer is $12$.") and no ``\\boxed`` remains. Dropped: no ``\\boxed`` (``no_boxed``),
+  one without a balanced ``{...}`` group (``malformed_boxed``), an empty one (``empty_answer``),
+  several boxes with different contents, which are multi-part answers the last box would silently
+  truncate (``multiple_answers``), and a solution that is nothing but the box (``empty_reasoning``).
+* ``code`` — Magicoder-Evol-Instruct-110K (``ise-uiuc/Magicoder-Evol-Instruct-110K``). The question
+  is ``instruction``; the answer is the *main* fenced code block of ``response``: among the blocks
+  tagged with a language other than ``text``/``output``/``console``… (all blocks when none is), the
+  last with at least half as many non-blank lines as the longest. That skips printed output,
+  trailing usage examples and leading ``pip install`` lines (short), yet prefers a corrected version
+  that follows the original. The answer is the block's code without the fences; the reasoning is the
+  rest of the response (the text before and after the block, other blocks included). Dropped: no fenced
+  block with code (``no_code``; indented or inline code is not promoted to an answer), an unclosed
+  fence (``unclosed_code_fence``), no text besides the block (``empty_reasoning``), and with
+  ``--code-language`` a main block in another language (``code_language``).
+* ``medical`` — MedMCQA (``openlifescienceai/medmcqa``). The question is ``question`` followed by
+  the options as ``A. opa`` … ``D. opd``, one per line; the answer is the letter of ``cop`` (an int
+  0–3). The reasoning is ``exp`` with leading answer cues removed: "Ans. a.", "Ans-B", "Ans is 'c'
+  i.e.", "Answer is (d)", "Correct option: C", "Option C is correct", a bare "(c)" or "c." label, and
+  the correct option's text right after such a cue or, at the very start, as a label (followed by
+  punctuation, a bracket, a double space or the end). See :func:`clean_explanation` for the leak
+  rule that drops what remains (``leaks_answer``, ``answer_mismatch``, ``multiple_answer_cue``).
+  Also dropped: no label (``no_answer``: ``cop`` null or -1, as in the unlabelled test split), an
+  empty option (``empty_option``), the correct option's text repeated under another letter
+  (``duplicate_options``), and an empty explanation (``empty_explanation``).
+
+A row in an unexpected schema (a field missing or of the wrong type) is dropped as ``bad_schema``,
+never repaired. With ``--tokenizer``, rows are dropped when the student prompt, the full-view
+teacher prompt (unshortened) or the reference response (the template's trace plus EOS) exceeds its
+budget. Each dropped row counts under the first reason that applies, so the counts add up.
+
+``--limit N --seed S`` ranks rows by ``sha256(f"{S}:{source_index}")`` and keeps the first N rows in
+that order that pass every filter: a deterministic function of the seed and the input, whatever the
+processing order, and only about N rows are converted. Output lines are in ``source_index`` order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aropd.views import PromptTemplate, render
+
+
+class MaterializeError(Exception):
+    """A problem with the command or its input; nothing has been written."""
+
+
+class Drop(Exception):
+    """This row is not turned into an example; ``reason`` names why (a manifest key)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+Example = tuple[str, str, str]  # question, reasoning, answer
+
+
+def _text(row: dict[str, Any], key: str, reason: str = "bad_schema") -> str:
+    """``row[key]`` as a string; a missing, null or non-string field drops the row."""
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise Drop(reason)
+    return value
+
+
+def _has_alnum(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+# --------------------------------------------------------------------------------------------------
+# math: NuminaMath-CoT
+
+
+_BOXED = re.compile(r"\\boxed(?![A-Za-z])")
+
+
+def find_boxed(text: str) -> list[tuple[int, int, str]]:
+    """Every ``\\boxed{...}`` in ``text`` as ``(start, end, content)``, in order.
+
+    Braces nest; a backslash escapes the next character, so ``\\{`` and ``\\}`` are literal braces.
+    Raises ``Drop("malformed_boxed")`` for a ``\\boxed`` not followed by a balanced ``{...}`` group.
+    """
+    out = []
+    for m in _BOXED.finditer(text):
+        i = m.end()
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        if i >= len(text) or text[i] != "{":
+            raise Drop("malformed_boxed")
+        depth, j = 0, i
+        while j < len(text):
+            ch = text[j]
+            if ch == "\\":
+                j += 2
+                continue
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        if depth != 0 or j >= len(text):
+            raise Drop("malformed_boxed")
+        if out and m.start() < out[-1][1]:
+            continue  # a \boxed nested inside the previous one is part of its content
+        out.append((m.start(), j + 1, text[i + 1 : j]))
+    return out
+
+
+def unbox(text: str) -> str:
+    """``text`` with every ``\\boxed{X}`` replaced by ``X`` (nested boxes too)."""
+    parts, last = [], 0
+    for start, end, content in find_boxed(text):
+        parts += [text[last:start], unbox(content).strip()]
+        last = end
+    return "".join(parts) + text[last:]
+
+
+def split_math_solution(solution: str) -> tuple[str, str]:
+    """``(reasoning, answer)`` of a solution: the last box's content, and the text with boxes unboxed."""
+    boxes = find_boxed(solution)
+    if not boxes:
+        raise Drop("no_boxed")
+    answer = unbox(boxes[-1][2]).strip()
+    if not answer:
+        raise Drop("empty_answer")
+    if len({re.sub(r"\s+", "", unbox(b[2])) for b in boxes}) > 1:
+        raise Drop("multiple_answers")
+    outside = "".join(solution[prev_end:start] for prev_end, (start, _, _) in zip([0] + [b[1] for b in boxes], boxes))
+    if not _has_alnum(outside + solution[boxes[-1][1] :]):
+        raise Drop("empty_reasoning")
+    return unbox(solution).strip(), answer
+
+
+def _math_question_solution(row: dict[str, Any]) -> tuple[str, str]:
+    problem, solution, messages = row.get("problem"), row.get("solution"), row.get("messages")
+    if isinstance(problem, str) and isinstance(solution, str) and ((problem.strip() and solution.strip()) or messages is None):
+        return problem, solution
+    if messages is None:
+        raise Drop("bad_schema")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise Drop("bad_schema")
+    if [m["role"] for m in messages] != ["user", "assistant"]:
+        raise Drop("bad_schema")
+    return messages[0]["content"], messages[1]["content"]
+
+
+def convert_math(row: dict[str, Any]) -> Example:
+    question, solution = _math_question_solution(row)
+    if not question.strip():
+        raise Drop("empty_question")
+    reasoning, answer = split_math_solution(solution)
+    return question.strip(), reasoning, answer
+
+
+# --------------------------------------------------------------------------------------------------
+# code: Magicoder-Evol-Instruct-110K
+
+
+@dataclass
+class CodeBlock:
+    start: int  # offset of the opening fence line
+    end: int  # offset just past the closing fence line (its newline included)
+    info: str  # the info string, e.g. "python"
+    code: str
+
+    @property
+    def language(self) -> str:
+        word = self.info.split()[0].lower() if self.info.split() else ""
+        return _LANGUAGE_ALIASES.get(word, word)
+
+    @property
+    def lines(self) -> int:
+        return sum(1 for line in self.code.splitlines() if line.strip())
+
+
+_LANGUAGE_ALIASES = {"py": "python", "python3": "python", "py3": "python", "js": "javascript", "c++": "cpp", "ts": "typescript"}
+_FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
+
+
+def fenced_blocks(text: str) -> list[CodeBlock]:
+    """Fenced code blocks as CommonMark reads them (``` or ~~~, up to 3 spaces of indent, a closing
+    fence of the same character at least as long). An unclosed fence drops the row."""
+    blocks, pos, lines = [], 0, text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        line, start = lines[i], pos
+        pos += len(line)
+        i += 1
+        m = _FENCE_OPEN.match(line.rstrip("\r\n"))
+        if not m or (m.group(2)[0] == "`" and "`" in m.group(3)):
+            continue
+        indent, fence, info = len(m.group(1)), m.group(2), m.group(3).strip()
+        close = re.compile(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        body = []
+        while i < len(lines) and not close.match(lines[i].rstrip("\r\n")):
+            body.append(re.sub(rf"^ {{0,{indent}}}", "", lines[i]))
+            pos += len(lines[i])
+            i += 1
+        if i >= len(lines):
+            raise Drop("unclosed_code_fence")
+        pos += len(lines[i])
+        i += 1
+        blocks.append(CodeBlock(start, pos, info, "".join(body).rstrip("\r\n")))
+    return blocks
+
+
+# Info strings of blocks that show output or prose rather than code.
+_NOT_CODE = {"", "text", "txt", "plaintext", "plain", "output", "out", "console", "log", "none", "shell-session"}
+
+
+def main_block(blocks: list[CodeBlock]) -> CodeBlock:
+    """The main code block: among the blocks tagged with a programming language (all blocks when none
+    is), the last one with at least half as many non-blank lines as the longest."""
+    candidates = [b for b in blocks if b.lines > 0]
+    if not candidates:
+        raise Drop("no_code")
+    tagged = [b for b in candidates if b.language not in _NOT_CODE]
+    candidates = tagged or candidates
+    longest = max(b.lines for b in candidates)
+    return [b for b in candidates if 2 * b.lines >= longest][-1]
+
+
+def split_code_response(response: str, languages: Iterable[str] | None = None) -> tuple[str, str]:
+    """``(reasoning, answer)``: the main block's code, and the response without that block."""
+    block = main_block(fenced_blocks(response))
+    if languages is not None:
+        allowed = {_LANGUAGE_ALIASES.get(x.lower(), x.lower()) for x in languages}
+        if block.language not in allowed:
+            raise Drop("code_language")
+    before, after = response[: block.start].rstrip(), response[block.end :].strip()
+    reasoning = (before + "\n\n" + after).strip() if before and after else (before or after).strip()
+    if not _has_alnum(reasoning):
+        raise Drop("empty_reasoning")
+    return reasoning, block.code
+
+
+def convert_code(row: dict[str, Any], languages: Iterable[str] | None = None) -> Example:
+    question, response = _text(row, "instruction"), _text(row, "response")
+    if not question.strip():
+        raise Drop("empty_question")
+    reasoning, answer = split_code_response(response, languages)
+    return question.strip(), reasoning, answer
+
+
+# --------------------------------------------------------------------------------------------------
+# medical: MedMCQA
+
+LETTERS = "ABCD"
+_OPTION_KEYS = ("opa", "opb", "opc", "opd")
+_OPEN = r"[(\[{'\"‘’“”`]"
+_CLOSE = r"[)\]}'\"‘’“”`]"
+_SEP = r"[\s.:;,\-–—=>]*"
+# A cue word: "Ans", "Ans.", "Answer", "Answers", "Option", "Opt.", "Choice", optionally after
+# "(the) correct/right/true/best". "ans…" or an adjective makes it strong: it asserts the answer.
+_CUE = re.compile(
+    r"(?P<adj>(?:the\s+)?(?:correct|right|true|best)\s+)?(?P<word>ans(?:wer)?s?|options?|opt|choices?)\b\.?",
+    re.IGNORECASE,
+)
+_IS = re.compile(rf"{_SEP}(?:(?:is|was)\b{_SEP})?(?:(?:option|opt|choice)\b\.?\s*)?", re.IGNORECASE)
+_AFFIRM = re.compile(
+    r"\s*(?:is|was)?\s*(?:the\s+)?(?:correct|right|true|best|answer)\b"
+    r"(?:\s+(?:answer|option|choice|one|response|statement))?",
+    re.IGNORECASE,
+)
+_IE = re.compile(r"[\s,.:;\-–—]*(?:\bi\.?\s?e\b\.?|\bviz\b\.?|\bthat is\b)", re.IGNORECASE)
+_JUNK = " \t\r\n.:;,-–—*#>=|"
+# After a letter: what makes a letter a label ("a." "a)" "(a)" "'a'") rather than the article "a".
+_LETTER_END = re.compile(r"(?=\s*$|\s*[.:;,)\]}\-–—(\[]|\s+i\.?\s?e\b|Ref)", re.IGNORECASE)
+_MULTI = re.compile(
+    rf"\s*(?:,|&|/|\+|\band\b|\bor\b)\s*{_OPEN}?\s*[a-dA-D](?:\s*{_CLOSE}|(?=\s*(?:$|[.,;:&/+]|\band\b|\bor\b)|\s+[A-Z]))",
+    re.IGNORECASE,
+)
+
+
+def _option_pattern(text: str) -> re.Pattern[str]:
+    words = text.strip().rstrip(".").split()
+    # Ends at a word boundary, or where glued text starts a capitalised word ("tamponadeBeck's").
+    tail = r"(?-i:(?![a-z0-9]))" if words and words[-1][-1:].isalnum() else ""
+    return re.compile(r"\s+".join(map(re.escape, words)) + tail, re.IGNORECASE)
+
+
+@dataclass
+class _Options:
+    texts: list[str]
+    correct: int
+    patterns: list[re.Pattern[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.patterns = [_option_pattern(t) for t in self.texts]
+        self.by_length = sorted(range(4), key=lambda k: -len(self.texts[k]))
+
+    def at(self, text: str) -> tuple[int, int] | None:
+        """``(option index, end)`` of the (longest) option text at the start of ``text``, in brackets or not."""
+        m0 = re.match(rf"\s*{_OPEN}?\s*", text)
+        for k in self.by_length:
+            m = self.patterns[k].match(text, m0.end())
+            if m:
+                end = m.end()
+                mc = re.match(rf"\s*{_CLOSE}", text[end:]) if m0.group().strip() else None
+                return k, end + (mc.end() if mc else 0)
+        return None
+
+
+def _letter(text: str, after_option_word: bool, opts: _Options) -> tuple[int, int] | None:
+    """``(letter index, end)`` when ``text`` opens with an option letter used as a label."""
+    m = re.match(rf"\s*(?P<open>{_OPEN}?)\s*(?P<L>[a-dA-D])\s*(?P<close>{_CLOSE}?)", text)
+    if not m:
+        return None
+    k, end = LETTERS.index(m.group("L").upper()), m.end()
+    bracketed = bool(m.group("open") or m.group("close"))
+    if bracketed or after_option_word or _LETTER_END.match(text, end):
+        return k, end
+    # "Ans. a Cardiac tamponade": the letter followed by that option's text
+    hit = opts.at(text[end:])
+    return (k, end) if hit and hit[0] == k else None
+
+
+def _bare_label(text: str) -> tuple[int, int] | None:
+    """A leading "(a)", "a)", "'a'", "a." or "a:" label followed by something capitalised, a bracket,
+    "i.e." or the end; "C. difficile" (lowercase after the dot) is a genus, not a label."""
+    m = re.match(
+        rf"(?:{_OPEN}\s*(?P<L1>[a-dA-D])\s*{_CLOSE}|(?P<L2>[a-dA-D])\s*[.):](?=\s*$|\s*[A-Z0-9(\['\"‘“]|\s*i\.?\s?e\b)"
+        rf"|(?P<L3>[a-dA-D])(?=\s+i\.?\s?e\b))",
+        text,
+    )
+    if not m:
+        return None
+    letter = m.group("L1") or m.group("L2") or m.group("L3")
+    return LETTERS.index(letter.upper()), m.end()
+
+
+def _after_cue(text: str, opts: _Options) -> str:
+    """Strip what follows a cue naming the correct answer: "i.e.", "is correct", the option's text."""
+    for _ in range(3):
+        before = text
+        for pat in (_AFFIRM, _IE):
+            m = pat.match(text)
+            if m:
+                text = text[m.end() :]
+        text = text.lstrip(_JUNK)
+        hit = opts.at(text)
+        if hit:
+            if hit[0] != opts.correct:
+                raise Drop("answer_mismatch")
+            if re.match(r"[ \t]+[a-z]", text[hit[1] :]):
+                raise Drop("leaks_answer")  # "Ans. Atropine is the drug of choice": a sentence about the answer
+            text = text[hit[1] :]
+        text = text.lstrip(_JUNK)
+        if text == before:
+            break
+    return text
+
+
+def _strip_leading_cue(text: str, opts: _Options) -> str | None:
+    """``text`` with one leading answer cue removed, or None when it opens with none."""
+    text = text.lstrip(_JUNK)
+    m = _CUE.match(text)
+    if m:
+        strong = bool(m.group("adj")) or m.group("word").lower().startswith("ans")
+        rest = text[m.end() :]
+        mi = _IS.match(rest)
+        after_is, option_word = rest[mi.end() :], bool(re.search(r"(?:option|opt|choice)", mi.group(), re.I))
+        option_word = option_word or not m.group("word").lower().startswith("ans")
+        hit = opts.at(after_is) if strong else None
+        if hit:
+            # "Ans. Cardiac tamponade", "Answer: (Cardiac tamponade)"
+            if hit[0] != opts.correct:
+                raise Drop("answer_mismatch")
+            return _after_cue(after_is, opts)
+        lt = _letter(after_is, option_word, opts)
+        if lt:
+            k, end = lt
+            tail = after_is[end:]
+            if _MULTI.match(tail):
+                raise Drop("multiple_answer_cue")
+            affirmed = bool(_AFFIRM.match(tail))
+            if k == opts.correct and (strong or affirmed or option_word):
+                return _after_cue(tail, opts)
+            if k != opts.correct and (strong or affirmed):
+                raise Drop("answer_mismatch")
+            return None  # "Option B: ..." discussing a distractor
+        if strong and re.match(r"\s*[.:\-–—=]", rest):
+            return rest.lstrip(_JUNK)  # "Ans." / "Answer:" with the answer given some other way
+        return None
+    lab = _bare_label(text)
+    if lab:
+        k, end = lab
+        if k == opts.correct:
+            return _after_cue(text[end:], opts)
+        hit = opts.at(text[end:].lstrip(_JUNK))
+        if hit and hit[0] == k:
+            raise Drop("answer_mismatch")  # "b. <option b>" when the key says otherwise
+        return None
+    hit = opts.at(text)
+    if hit and hit[0] == opts.correct and re.match(r"\s*(?:$|[.:;,\-–—(\[\n]|\s\s|Ref)", text[hit[1] :]):
+        return text[hit[1] :].lstrip(_JUNK)  # the correct option as a label: "Cardiac tamponade. ..."
+    return None
+
+
+_ANS_ANYWHERE = re.compile(r"(?<![A-Za-z])(?P<adj>(?:correct|right|true|best)\s+)?(?P<word>ans(?:wer)?s?|options?|opt|choices?)\b\.?", re.I)
+
+
+def _leaks(text: str, opts: _Options) -> None:
+    """Raise ``Drop`` when ``text`` still gives the answer away (see :func:`clean_explanation`)."""
+    hit = opts.at(text)
+    if hit and hit[0] == opts.correct:
+        raise Drop("leaks_answer")
+    for m in _ANS_ANYWHERE.finditer(text):
+        strong = bool(m.group("adj")) or m.group("word").lower().startswith("ans")
+        rest = text[m.end() :]
+        mi = _IS.match(rest)
+        after_is = rest[mi.end() :]
+        option_word = bool(re.search(r"(?:option|opt|choice)", mi.group(), re.I)) or not strong
+        if strong and opts.at(after_is) and opts.at(after_is)[0] == opts.correct:
+            raise Drop("leaks_answer")
+        lt = _letter(after_is, option_word, opts)
+        if not lt:
+            continue
+        k, end = lt
+        affirmed = bool(_AFFIRM.match(after_is[end:]))
+        if k == opts.correct and (strong or affirmed):
+            raise Drop("leaks_answer")
+        if k != opts.correct and strong:
+            raise Drop("answer_mismatch")
+    for m in re.finditer(rf"{_OPEN}\s*([a-dA-D])\s*{_CLOSE}", text):
+        if LETTERS.index(m.group(1).upper()) == opts.correct and _AFFIRM.match(text, m.end()):
+            raise Drop("leaks_answer")  # "... (c) is correct ..."
+
+
+def clean_explanation(exp: str, options: list[str], correct: int) -> str:
+    """The explanation with leading answer cues removed; raises ``Drop`` when it still leaks.
+
+    Leading cues are removed repeatedly (see the module docstring). A cue naming a *different*
+    letter or option text than the key drops the row as ``answer_mismatch`` (the label or the
+    explanation is wrong); a cue naming several letters drops it as ``multiple_answer_cue``.
+
+    The leak rule, applied to what remains: the row is dropped as ``leaks_answer`` when
+    (1) it opens with the correct option's text (even as a sentence's subject: the reasoning would
+    announce the answer before deriving it); or (2) anywhere in it, an "ans"/"answer" cue (or
+    "correct/right/true/best option/choice") names the correct letter ("... hence ans is c") or the
+    correct option's text ("answer is Cardiac tamponade"); or (3) an option letter is affirmed —
+    "option c is correct", "(c) is the answer", "choice C is true" — for the correct letter.
+    An "ans" cue naming another letter anywhere drops it as ``answer_mismatch``. The correct option's
+    text *later* in the explanation is kept: that is the justification the reasoning is for.
+    Empty after removal (or empty to begin with): ``empty_explanation``.
+    """
+    opts = _Options(options, correct)
+    text = exp.strip()
+    for _ in range(8):
+        stripped = _strip_leading_cue(text, opts)
+        if stripped is None or stripped == text:
+            break
+        text = stripped
+    text = text.strip()
+    if not _has_alnum(text):
+        raise Drop("empty_explanation")
+    _leaks(text, opts)
+    return text
+
+
+def format_medical_question(question: str, options: list[str]) -> str:
+    return question.strip() + "\n\n" + "\n".join(f"{L}. {o.strip()}" for L, o in zip(LETTERS, options))
+
+
+def convert_medical(row: dict[str, Any]) -> Example:
+    question = _text(row, "question")
+    options = [_text(row, k) for k in _OPTION_KEYS]
+    cop = row.get("cop")
+    if cop is None or cop == -1:
+        raise Drop("no_answer")  # the unlabelled test split has cop = -1
+    if isinstance(cop, bool) or not isinstance(cop, int) or not 0 <= cop <= 3:
+        raise Drop("bad_schema")
+    exp = row.get("exp")
+    if exp is not None and not isinstance(exp, str):
+        raise Drop("bad_schema")
+    if not question.strip():
+        raise Drop("empty_question")
+    if not all(o.strip() for o in options):
+        raise Drop("empty_option")
+    norm = [" ".join(o.lower().split()).rstrip(".") for o in options]
+    if norm.count(norm[cop]) > 1:
+        raise Drop("duplicate_options")  # the correct text names two letters: nothing to check cues by
+    if exp is None or not _has_alnum(exp):
+        raise Drop("empty_explanation")
+    reasoning = clean_explanation(exp, options, cop)
+    return format_medical_question(question, options), reasoning, LETTERS[cop]
+
+
+# --------------------------------------------------------------------------------------------------
+# sources, reading, subsets, length filter
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    hub_id: str
+    columns: tuple[str, ...]  # the columns a converter reads (others are not decoded)
+    convert: Callable[..., Example]
+
+
+SOURCES = {
+    "math": Source("math", "AI-MO/NuminaMath-CoT", ("problem", "solution", "messages"), convert_math),
+    "code": Source("code", "ise-uiuc/Magicoder-Evol-Instruct-110K", ("instruction", "response"), convert_code),
+    "medical": Source("medical", "openlifescienceai/medmcqa", ("question", *_OPTION_KEYS, "cop", "exp"), convert_medical),
+}
+ALIASES = {"numinamath": "math", "numina": "math", "magicoder": "code", "medmcqa": "medical"}
+
+
+def get_source(name: str) -> Source:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in SOURCES:
+        raise MaterializeError(f"unknown source {name!r}; choose one of {sorted(SOURCES)} (aliases: {ALIASES})")
+    return SOURCES[key]
+
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(input: str, split: str = "train", cache_dir: str | None = None) -> Any:
+    """A ``datasets.Dataset`` from a local JSONL/JSON/parquet/CSV file, a saved dataset folder, a folder
+    of data files, or a hub id. Any failure becomes a :class:`MaterializeError` naming ``input``."""
+    import datasets
+
+    path = Path(input)
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+            if builder is None:
+                raise MaterializeError(f"cannot read input {input!r}: unknown file type (use {sorted(_FILE_BUILDERS)})")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        elif path.is_dir():
+            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise MaterializeError(f"input {input!r} has no split {split!r} (it has {sorted(ds)})")
+                    ds = ds[split]
+            else:
+                ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+        elif input.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS or input.count("/") != 1:
+            raise MaterializeError(f"cannot read input {input!r}: no such file or folder")
+        else:
+            ds = datasets.load_dataset(input, split=split, cache_dir=cache_dir)
+    except MaterializeError:
+        raise
+    except Exception as e:  # datasets raises many types; all mean "cannot read this input"
+        raise MaterializeError(f"cannot read input {input!r}: {type(e).__name__}: {e}") from e
+    if isinstance(ds, datasets.IterableDataset) or not isinstance(ds, datasets.Dataset):
+        raise MaterializeError(f"cannot read input {input!r}: expected a dataset split, got {type(ds).__name__}")
+    return ds
+
+
+def subset_key(seed: int, index: int) -> bytes:
+    """The rank of row ``index`` under ``seed``: rows are taken in increasing key order."""
+    return hashlib.sha256(f"{seed}:{index}".encode()).digest()[:16]
+
+
+def row_order(n: int, seed: int, limit: int | None) -> Iterator[int]:
+    if limit is None:
+        return iter(range(n))
+    return iter(sorted(range(n), key=lambda i: subset_key(seed, i)))
+
+
+@dataclass
+class Budgets:
+    max_prompt_tokens: int = 512
+    max_teacher_tokens: int = 1024
+    max_completion_tokens: int = 1024
+
+
+class LengthFilter:
+    """Token lengths of the three things training builds from an example, against their budgets."""
+
+    def __init__(self, tokenizer: Any, template: PromptTemplate, budgets: Budgets):
+        self.tok, self.template, self.budgets = tokenizer, template, budgets
+        self.max_seen = {"student_prompt": 0, "teacher_prompt": 0, "completion": 0}
+
+    def lengths(self, question: str, reasoning: str, answer: str) -> dict[str, int]:
+        trace = self.template.format_trace(reasoning, answer)
+        eos = 1 if self.tok.eos_token_id is not None else 0
+        return {
+            "student_prompt": len(render(self.tok, self.template.student_messages(question))),
+            "teacher_prompt": len(render(self.tok, self.template.teacher_messages(question, reasoning, answer))),
+            "completion": len(self.tok(trace, add_special_tokens=False)["input_ids"]) + eos,
+        }
+
+    def check(self, example: Example) -> None:
+        n = self.lengths(*example)
+        b = self.budgets
+        for key, budget, reason in (
+            ("student_prompt", b.max_prompt_tokens, "student_prompt_too_long"),
+            ("teacher_prompt", b.max_teacher_tokens, "teacher_prompt_too_long"),
+            ("completion", b.max_completion_tokens, "completion_too_long"),
+        ):
+            if n[key] > budget:
+                raise Drop(reason)
+        for key in n:
+            self.max_seen[key] = max(self.max_seen[key], n[key])
+
+
+def load_template(path: str | None) -> PromptTemplate:
+    """A :class:`PromptTemplate` from a YAML/JSON file: its fields, or a fit config's
+    ``data.init_args.template`` (with or without ``init_args``)."""
+    if path is None:
+        return PromptTemplate()
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except Exception as e:
+        raise MaterializeError(f"cannot read template {path!r}: {e}") from e
+    if isinstance(spec, dict) and "data" in spec:
+        spec = ((spec.get("data") or {}).get("init_args") or {}).get("template") or {}
+    if isinstance(spec, dict) and "init_args" in spec:
+        spec = spec["init_args"] or {}
+    known = {f.name for f in fields(PromptTemplate)}
+    if not isinstance(spec, dict) or set(spec) - known:
+        raise MaterializeError(f"template {path!r} must map {sorted(known)}; got {spec!r}")
+    try:
+        return PromptTemplate(**spec)
+    except ValueError as e:
+        raise MaterializeError(f"template {path!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def manifest_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".manifest.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def materialize(
+    source: str,
+    out: str | Path,
+    input: str | None = None,
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    tokenizer: str | None = None,
+    budgets: Budgets | None = None,
+    template: str | None = None,
+    code_languages: list[str] | None = None,
+    cache_dir: str | None = None,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> dict[str, Any]:
+    """Write ``out`` (JSONL) and its manifest; return the manifest. See the module docstring."""
+    args = {k: v for k, v in locals().items() if k != "log"}
+    args["budgets"], args["out"] = asdict(budgets or Budgets()), str(out)
+    src = get_source(source)
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise MaterializeError(f"output {str(out)!r} must end in .jsonl")
+    if out.is_dir():
+        raise MaterializeError(f"output {str(out)!r} is a folder")
+    if limit is not None and limit < 1:
+        raise MaterializeError(f"--limit must be at least 1, got {limit}")
+    input = input or src.hub_id
+    tpl = load_template(template)
+    lengths = None
+    if tokenizer is not None:
+        from aropd.models import load_tokenizer
+
+        try:
+            tok = load_tokenizer(tokenizer)
+        except Exception as e:
+            raise MaterializeError(f"cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
+        lengths = LengthFilter(tok, tpl, budgets or Budgets())
+    ds = load_rows(input, split, cache_dir)
+    if not set(src.columns) & set(ds.column_names):
+        raise MaterializeError(
+            f"input {input!r} has none of the {src.name} columns {list(src.columns)} (it has {ds.column_names})"
+        )
+    ds = ds.select_columns([c for c in src.columns if c in ds.column_names])
+    convert = (lambda row: convert_code(row, code_languages)) if src.name == "code" else src.convert
+
+    drops: dict[str, list[int]] = {}
+    counts = {"examined": 0, "out": 0}
+
+    def converted() -> Iterator[dict[str, Any]]:
+        """Examples in processing order; rows that fail a rule go to ``drops``."""
+        for i in row_order(len(ds), seed, limit):
+            if limit is not None and counts["out"] >= limit:
+                return
+            counts["examined"] += 1
+            try:
+                example = convert(ds[i])
+                if lengths is not None:
+                    lengths.check(example)
+            except Drop as d:
+                drops.setdefault(d.reason, []).append(i)
+                continue
+            except Exception as e:
+                raise RuntimeError(f"{src.name} row {i} of {input!r}: {type(e).__name__}: {e}") from e
+            counts["out"] += 1
+            q, r, a = example
+            yield {"question": q, "reasoning": r, "answer": a, "source": src.name, "source_index": i}
+
+    # Without --limit rows are processed in index order and streamed to disk; a subset (at most
+    # `limit` records) is collected, then written in index order.
+    records = converted() if limit is None else iter(sorted(converted(), key=lambda rec: rec["source_index"]))
+
+    def manifest() -> dict[str, Any]:
+        if limit is not None and counts["out"] < limit:
+            log(f"warning: only {counts['out']} of {len(ds)} rows pass the filters, fewer than --limit {limit}")
+        length_filter = None
+        if lengths is not None:
+            length_filter = {"tokenizer": tokenizer, **asdict(lengths.budgets), "completion_counts_eos": True}
+            length_filter["max_kept"] = lengths.max_seen
+        return {
+            "source": src.name,
+            "input": input,
+            "split": split,
+            "input_fingerprint": getattr(ds, "_fingerprint", None),
+            "rows_in": len(ds),
+            "rows_examined": counts["examined"],
+            "rows_out": counts["out"],
+            "rows_dropped": sum(len(v) for v in drops.values()),
+            "dropped": {k: {"count": len(v), "indices": sorted(v)} for k, v in sorted(drops.items())},
+            "seed": seed,
+            "limit": limit,
+            "subset": "all rows"
+            if limit is None
+            else f"the first {limit} rows that pass, in order of sha256('{seed}:<source_index>')",
+            "length_filter": length_filter,
+            "template": asdict(tpl),
+            "args": args,
+            "outputs": {},
+        }
+
+    return _write_atomic(out, records, manifest)
+
+
+def _write_atomic(out: Path, records: Iterable[dict[str, Any]], make_manifest: Callable[[], dict[str, Any]]) -> dict:
+    """Write ``out``, then its manifest, under temporary names; move both into place only when both are
+    complete. On any error the temporary files are removed and an existing output is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    man = manifest_path(out)
+    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_man = man.with_name(f".{man.name}.tmp-{os.getpid()}")
+    try:
+        n = 0
+        with open(tmp_out, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = make_manifest()
+        manifest["outputs"] = {out.name: {"rows": n, "bytes": tmp_out.stat().st_size, "sha256": _sha256(tmp_out)}}
+        with open(tmp_man, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_out, out)
+        os.replace(tmp_man, man)
+    finally:
+        for p in (tmp_out, tmp_man):
+            p.unlink(missing_ok=True)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="materialize",
+        description="Write aropd training JSONL (question, reasoning, answer) and a manifest from a public source.",
+        epilog="Sources: math = AI-MO/NuminaMath-CoT, code = ise-uiuc/Magicoder-Evol-Instruct-110K, "
+        "medical = openlifescienceai/medmcqa. The rules are in aropd/materialize.py's docstring.",
+    )
+    p.add_argument("source", help=f"one of {sorted(SOURCES)} (aliases: {', '.join(ALIASES)})")
+    p.add_argument("--out", required=True, help="output JSONL; the manifest goes next to it as <stem>.manifest.json")
+    p.add_argument("--input", help="hub id, or a local JSONL/parquet file or saved dataset folder (default: the source's hub id)")
+    p.add_argument("--split", default="train", help="split of a hub id or saved DatasetDict (default: train)")
+    p.add_argument("--limit", type=int, help="keep a seeded random subset of this many examples (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset (default: 0)")
+    p.add_argument("--tokenizer", help="the student's tokenizer (hub id or folder); enables the length filters")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="student prompt budget (default: 512)")
+    p.add_argument("--max-teacher-tokens", type=int, default=1024, help="full-view teacher prompt budget (default: 1024)")
+    p.add_argument("--max-completion-tokens", type=int, default=1024, help="reference response budget, EOS included (default: 1024)")
+    p.add_argument("--template", help="YAML with PromptTemplate fields, or a fit config with data.init_args.template")
+    p.add_argument("--code-language", action="append", help="code: keep only main blocks in this language (repeatable)")
+    p.add_argument("--cache-dir", help="datasets cache folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        manifest = materialize(
+            a.source,
+            a.out,
+            a.input,
+            split=a.split,
+            limit=a.limit,
+            seed=a.seed,
+            tokenizer=a.tokenizer,
+            budgets=Budgets(a.max_prompt_tokens, a.max_teacher_tokens, a.max_completion_tokens),
+            template=a.template,
+            code_languages=a.code_language,
+            cache_dir=a.cache_dir,
+        )
+    except MaterializeError as e:
+        print(f"materialize: error: {e}", file=sys.stderr)
+        return 2
+    drops = ", ".join(f"{k} {v['count']}" for k, v in manifest["dropped"].items()) or "none"
+    print(
+        f"{manifest['source']}: {manifest['rows_out']} examples from {manifest['rows_examined']} rows examined "
+        f"of {manifest['rows_in']} -> {a.out} (dropped: {drops})",
+        file=sys.stderr,
+    )
+    return 0
