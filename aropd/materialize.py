@@ -21,8 +21,9 @@ Sources and how a row is split (every rule below is tested on hand-worked rows):
   tagged with a language other than ``text``/``output``/``console``… (all blocks when none is), the
   last with at least half as many non-blank lines as the longest. That skips printed output,
   trailing usage examples and leading ``pip install`` lines (short), yet prefers a corrected version
-  that follows the original. The answer is the block's code without the fences; the reasoning is the
-  rest of the response (the text before and after the block, other blocks included). Dropped: no fenced
+  that follows the original. The answer is that block as written, fences and info string included
+  (```` ```python ````…```` ``` ````), the form code graders extract; the reasoning is the rest of the
+  response (the text before and after the block, other blocks included). Dropped: no fenced
   block with code (``no_code``; indented or inline code is not promoted to an answer), an unclosed
   fence (``unclosed_code_fence``), no text besides the block (``empty_reasoning``), and with
   ``--code-language`` a main block in another language (``code_language``).
@@ -52,7 +53,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -159,7 +159,8 @@ def split_math_solution(solution: str) -> tuple[str, str]:
 
 def _math_question_solution(row: dict[str, Any]) -> tuple[str, str]:
     problem, solution, messages = row.get("problem"), row.get("solution"), row.get("messages")
-    if isinstance(problem, str) and isinstance(solution, str) and ((problem.strip() and solution.strip()) or messages is None):
+    both = isinstance(problem, str) and isinstance(solution, str)
+    if both and ((problem.strip() and solution.strip()) or messages is None):
         return problem, solution
     if messages is None:
         raise Drop("bad_schema")
@@ -190,6 +191,12 @@ class CodeBlock:
     end: int  # offset just past the closing fence line (its newline included)
     info: str  # the info string, e.g. "python"
     code: str
+    fence: str = "```"  # the opening fence as written (``` or ~~~, three or more)
+
+    @property
+    def fenced(self) -> str:
+        """The block as markdown: fence and info string, the code, the closing fence."""
+        return f"{self.fence}{self.info}\n{self.code}\n{self.fence}"
 
     @property
     def language(self) -> str:
@@ -201,7 +208,9 @@ class CodeBlock:
         return sum(1 for line in self.code.splitlines() if line.strip())
 
 
-_LANGUAGE_ALIASES = {"py": "python", "python3": "python", "py3": "python", "js": "javascript", "c++": "cpp", "ts": "typescript"}
+_LANGUAGE_ALIASES = {
+    "py": "python", "python3": "python", "py3": "python", "js": "javascript", "c++": "cpp", "ts": "typescript"
+}
 _FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
 
 
@@ -228,7 +237,7 @@ def fenced_blocks(text: str) -> list[CodeBlock]:
             raise Drop("unclosed_code_fence")
         pos += len(lines[i])
         i += 1
-        blocks.append(CodeBlock(start, pos, info, "".join(body).rstrip("\r\n")))
+        blocks.append(CodeBlock(start, pos, info, "".join(body).rstrip("\r\n"), fence))
     return blocks
 
 
@@ -249,7 +258,7 @@ def main_block(blocks: list[CodeBlock]) -> CodeBlock:
 
 
 def split_code_response(response: str, languages: Iterable[str] | None = None) -> tuple[str, str]:
-    """``(reasoning, answer)``: the main block's code, and the response without that block."""
+    """``(reasoning, answer)``: the main block (fenced, as written), and the response without it."""
     block = main_block(fenced_blocks(response))
     if languages is not None:
         allowed = {_LANGUAGE_ALIASES.get(x.lower(), x.lower()) for x in languages}
@@ -259,7 +268,7 @@ def split_code_response(response: str, languages: Iterable[str] | None = None) -
     reasoning = (before + "\n\n" + after).strip() if before and after else (before or after).strip()
     if not _has_alnum(reasoning):
         raise Drop("empty_reasoning")
-    return reasoning, block.code
+    return reasoning, block.fenced
 
 
 def convert_code(row: dict[str, Any], languages: Iterable[str] | None = None) -> Example:
@@ -295,7 +304,8 @@ _JUNK = " \t\r\n.:;,-–—*#>=|"
 # After a letter: what makes a letter a label ("a." "a)" "(a)" "'a'") rather than the article "a".
 _LETTER_END = re.compile(r"(?=\s*$|\s*[.:;,)\]}\-–—(\[]|\s+i\.?\s?e\b|Ref)", re.IGNORECASE)
 _MULTI = re.compile(
-    rf"\s*(?:,|&|/|\+|\band\b|\bor\b)\s*{_OPEN}?\s*[a-dA-D](?:\s*{_CLOSE}|(?=\s*(?:$|[.,;:&/+]|\band\b|\bor\b)|\s+[A-Z]))",
+    rf"\s*(?:,|&|/|\+|\band\b|\bor\b)\s*{_OPEN}?\s*[a-dA-D]"
+    rf"(?:\s*{_CLOSE}|(?=\s*(?:$|[.,;:&/+]|\band\b|\bor\b)|\s+[A-Z]))",
     re.IGNORECASE,
 )
 
@@ -347,7 +357,8 @@ def _bare_label(text: str) -> tuple[int, int] | None:
     """A leading "(a)", "a)", "'a'", "a." or "a:" label followed by something capitalised, a bracket,
     "i.e." or the end; "C. difficile" (lowercase after the dot) is a genus, not a label."""
     m = re.match(
-        rf"(?:{_OPEN}\s*(?P<L1>[a-dA-D])\s*{_CLOSE}|(?P<L2>[a-dA-D])\s*[.):](?=\s*$|\s*[A-Z0-9(\['\"‘“]|\s*i\.?\s?e\b)"
+        rf"(?:{_OPEN}\s*(?P<L1>[a-dA-D])\s*{_CLOSE}"
+        rf"|(?P<L2>[a-dA-D])\s*[.):](?=\s*$|\s*[A-Z0-9(\['\"‘“]|\s*i\.?\s?e\b)"
         rf"|(?P<L3>[a-dA-D])(?=\s+i\.?\s?e\b))",
         text,
     )
@@ -425,7 +436,9 @@ def _strip_leading_cue(text: str, opts: _Options) -> str | None:
     return None
 
 
-_ANS_ANYWHERE = re.compile(r"(?<![A-Za-z])(?P<adj>(?:correct|right|true|best)\s+)?(?P<word>ans(?:wer)?s?|options?|opt|choices?)\b\.?", re.I)
+_ANS_ANYWHERE = re.compile(
+    r"(?<![A-Za-z])(?P<adj>(?:correct|right|true|best)\s+)?(?P<word>ans(?:wer)?s?|options?|opt|choices?)\b\.?", re.I
+)
 
 
 def _leaks(text: str, opts: _Options) -> None:
@@ -529,7 +542,9 @@ class Source:
 SOURCES = {
     "math": Source("math", "AI-MO/NuminaMath-CoT", ("problem", "solution", "messages"), convert_math),
     "code": Source("code", "ise-uiuc/Magicoder-Evol-Instruct-110K", ("instruction", "response"), convert_code),
-    "medical": Source("medical", "openlifescienceai/medmcqa", ("question", *_OPTION_KEYS, "cop", "exp"), convert_medical),
+    "medical": Source(
+        "medical", "openlifescienceai/medmcqa", ("question", *_OPTION_KEYS, "cop", "exp"), convert_medical
+    ),
 }
 ALIASES = {"numinamath": "math", "numina": "math", "magicoder": "code", "medmcqa": "medical"}
 
@@ -807,14 +822,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help=f"one of {sorted(SOURCES)} (aliases: {', '.join(ALIASES)})")
     p.add_argument("--out", required=True, help="output JSONL; the manifest goes next to it as <stem>.manifest.json")
-    p.add_argument("--input", help="hub id, or a local JSONL/parquet file or saved dataset folder (default: the source's hub id)")
+    p.add_argument(
+        "--input", help="hub id, or a local JSONL/parquet file or saved dataset folder (default: the source's hub id)"
+    )
     p.add_argument("--split", default="train", help="split of a hub id or saved DatasetDict (default: train)")
     p.add_argument("--limit", type=int, help="keep a seeded random subset of this many examples (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset (default: 0)")
     p.add_argument("--tokenizer", help="the student's tokenizer (hub id or folder); enables the length filters")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="student prompt budget (default: 512)")
-    p.add_argument("--max-teacher-tokens", type=int, default=1024, help="full-view teacher prompt budget (default: 1024)")
-    p.add_argument("--max-completion-tokens", type=int, default=1024, help="reference response budget, EOS included (default: 1024)")
+    p.add_argument(
+        "--max-teacher-tokens", type=int, default=1024, help="full-view teacher prompt budget (default: 1024)"
+    )
+    p.add_argument(
+        "--max-completion-tokens",
+        type=int,
+        default=1024,
+        help="reference response budget, EOS included (default: 1024)",
+    )
     p.add_argument("--template", help="YAML with PromptTemplate fields, or a fit config with data.init_args.template")
     p.add_argument("--code-language", action="append", help="code: keep only main blocks in this language (repeatable)")
     p.add_argument("--cache-dir", help="datasets cache folder")

@@ -109,28 +109,31 @@ def test_code_split_and_drops(tmp_path):
     assert got[0] == {
         "question": "Write a Python function that reverses a string.",
         "reasoning": "We can use slicing with a step of -1.\n\nSlicing builds a new string from the end to the start.",
-        "answer": "def reverse(s):\n    return s[::-1]",
+        "answer": "```python\ndef reverse(s):\n    return s[::-1]\n```",
         "source": "code",
         "source_index": 0,
     }
     # pip install (1 line) and the usage example (1 line) are not the main block (5 lines); they stay
     # in the reasoning
-    assert got[1]["answer"] == "import numpy as np\n\ndef total(xs):\n    arr = np.asarray(xs)\n    return arr.sum()"
+    assert got[1]["answer"] == (
+        "```python\nimport numpy as np\n\ndef total(xs):\n    arr = np.asarray(xs)\n    return arr.sum()\n```"
+    )
     assert got[1]["reasoning"] == (
         "Install numpy first:\n\n```bash\npip install numpy\n```\n\nThen convert and sum:\n\n"
         "Example:\n\n```python\nprint(total([1, 2]))\n```"
     )
     # two blocks of equal size: the later (corrected) one is the answer
-    assert got[2]["answer"] == "def add(a, b):\n    return a + b"
+    assert got[2]["answer"] == "```python\ndef add(a, b):\n    return a + b\n```"
     assert got[2]["reasoning"] == (
         "The original subtracts:\n\n```python\ndef add(a, b):\n    return a - b\n```\n\nThe corrected version adds:"
     )
     # a ~~~ fence holds ``` lines as code
-    assert got[6]["answer"] == "# Title\n```py\nx = 1\n```"
+    assert got[6]["answer"] == "~~~markdown\n# Title\n```py\nx = 1\n```\n~~~"
     assert got[6]["reasoning"] == "A fenced block inside a tilde fence:\n\nThe inner backticks are part of the snippet."
-    assert got[8]["answer"] == "function double(x) {\n  return 2 * x;\n}" and got[8]["reasoning"] == "Multiply by two:"
+    assert got[8]["answer"] == "```js\nfunction double(x) {\n  return 2 * x;\n}\n```"
+    assert got[8]["reasoning"] == "Multiply by two:"
     # an untagged output block (as long as the code) is not the answer when a tagged code block exists
-    assert got[9]["answer"] == "for i in range(1, 4):\n    sq = i * i\n    print(sq)"
+    assert got[9]["answer"] == "```python\nfor i in range(1, 4):\n    sq = i * i\n    print(sq)\n```"
     assert got[9]["reasoning"] == "Loop and print:\n\nOutput:\n\n```\n1\n4\n9\n```"
     assert drops(manifest) == {"no_code": [3], "unclosed_code_fence": [4], "empty_reasoning": [5], "bad_schema": [7]}
 
@@ -245,6 +248,33 @@ def test_medical_schema_rows():
         with pytest.raises(Drop) as e:
             M.convert_medical({**row, **bad})
         assert e.value.reason == reason, bad
+
+
+def test_graders_read_the_reference_response(tmp_path):
+    """The reference response (the template's trace) of each record grades as correct against its own
+    answer: no box left in a math reasoning outranks the <answer> tag, the code answer is the block the
+    code grader extracts, and the letter is what the choice grader reads."""
+    grade_math = pytest.importorskip("aropd.evaluators.grade_math")
+    grade_code = pytest.importorskip("aropd.evaluators.grade_code")
+    grade_choice = pytest.importorskip("aropd.evaluators.grade_choice")
+    from aropd.views import PromptTemplate
+
+    trace = PromptTemplate().format_trace
+    _, math = run(tmp_path, "math")
+    for r in math:
+        got = grade_math.extract_math_answer(trace(r["reasoning"], r["answer"]))
+        assert got == grade_math.clean_answer(r["answer"])
+    _, code = run(tmp_path, "code", code_languages=["python"])
+    # benchmarks give the grader an entry point; with one, the block that defines it is taken even when
+    # the reasoning holds other python blocks (row 1: a usage example; row 2: the buggy original)
+    entry = {0: "reverse", 1: "total", 2: "add"}
+    for r in code:
+        if r["source_index"] in entry:
+            got = grade_code.extract_code(trace(r["reasoning"], r["answer"]), entry[r["source_index"]])
+            assert got.strip() == M.fenced_blocks(r["answer"])[0].code
+    _, medical = run(tmp_path, "medical")
+    for r in medical:
+        assert grade_choice.extract_choice(trace(r["reasoning"], r["answer"])) == r["answer"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,9 +484,8 @@ def test_data_config_matches_its_command(source):
     text = path.read_text()
     cfg = yaml.safe_load(text)
     train = cfg["data"]["init_args"]["train"]
-    command = " ".join(
-        line.lstrip("# ").rstrip("\\ ") for line in text.splitlines() if "scripts/materialize.py" in line or "#     --" in line
-    )
+    lines = [ln for ln in text.splitlines() if "scripts/materialize.py" in ln or ln.startswith("#     --")]
+    command = " ".join(ln.lstrip("# ").rstrip("\\ ") for ln in lines)
     args = shlex.split(command[command.index("scripts/materialize.py"):])[1:]
     parsed = M.build_parser().parse_args(args)
     assert M.get_source(parsed.source).name == source and train == [parsed.out]
