@@ -310,11 +310,18 @@ _MULTI = re.compile(
 )
 
 
+def _option_words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", text)
+
+
 def _option_pattern(text: str) -> re.Pattern[str]:
-    words = text.strip().rstrip(".").split()
-    # Ends at a word boundary, or where glued text starts a capitalised word ("tamponadeBeck's").
-    tail = r"(?-i:(?![a-z0-9]))" if words and words[-1][-1:].isalnum() else ""
-    return re.compile(r"\s+".join(map(re.escape, words)) + tail, re.IGNORECASE)
+    """An option's text as written in an explanation: its letters and digits in order, with case, spaces
+    and punctuation free ("Vitamin B12" ~ "vitamin B-12", "C. difficile" ~ "C difficile"), ending at a
+    word boundary or where glued text starts a capitalised word ("tamponadeBeck's")."""
+    chars = "".join(_option_words(text))
+    if not chars:
+        return re.compile(r"(?!)")
+    return re.compile(r"[\W_]*".join(map(re.escape, chars)) + r"(?-i:(?![^\W_A-Z]))", re.IGNORECASE)
 
 
 @dataclass
@@ -518,7 +525,7 @@ def convert_medical(row: dict[str, Any]) -> Example:
         raise Drop("empty_question")
     if not all(o.strip() for o in options):
         raise Drop("empty_option")
-    norm = [" ".join(o.lower().split()).rstrip(".") for o in options]
+    norm = [" ".join(_option_words(o.lower())) for o in options]
     if norm.count(norm[cop]) > 1:
         raise Drop("duplicate_options")  # the correct text names two letters: nothing to check cues by
     if exp is None or not _has_alnum(exp):

@@ -66,12 +66,13 @@ def test_math_split_and_drops(tmp_path):
         "no_boxed": [3],
         "multiple_answers": [4],  # (1) a = 3, (2) b = 4: the last box alone would be a wrong answer
         "malformed_boxed": [6],
-        "bad_schema": [7, 8],  # a system turn in messages; no problem/solution/messages at all
+        # a system turn in messages; no problem/solution/messages at all; messages a string
+        "bad_schema": [7, 8, 12],
         "empty_reasoning": [9],
         "empty_answer": [10],
         "empty_question": [11],
     }
-    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_dropped"]) == (12, 4, 8)
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_dropped"]) == (13, 4, 9)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +194,7 @@ OPTS = ["Cardiac tamponade", "Tension pneumothorax", "Hypothyroidism", "All of t
         ("Ans. BRef: Bailey 27/e. The trachea shifts away.", 1, "Ref: Bailey 27/e. The trachea shifts away."),
         ("Ans. Cardiac tamponade Beck's triad is seen.", 0, "Beck's triad is seen."),
         ("a i.e. Cardiac tamponade Beck's triad.", 0, "Beck's triad."),
+        ("Ans. a. cardiac-tamponade Beck's triad.", 0, "Beck's triad."),  # spacing, case, punctuation free
         ("(a) Pericardial fluid compresses the heart.", 0, "Pericardial fluid compresses the heart."),
         # kept as is: not cues
         ("C. difficile is unrelated; Beck's triad is seen.", 0, "C. difficile is unrelated; Beck's triad is seen."),
@@ -223,6 +225,7 @@ def test_clean_explanation(exp, correct, expected):
         ("Answer: Tension pneumothorax. The trachea shifts.", 0, "answer_mismatch"),
         ("Beck's triad is seen. Ans: c", 0, "answer_mismatch"),
         ("Ans. a, b Both cause hypotension.", 0, "multiple_answer_cue"),
+        ("Answer- A. Cardiac-tamponadeCardiac tamponade is fluid around the heart.", 0, "leaks_answer"),
         ("Ans. a", 0, "empty_explanation"),
         ("Ans. a. Cardiac tamponade.", 0, "empty_explanation"),
     ],
