@@ -24,7 +24,7 @@ from math import comb
 from .base import Verdict
 from .sandbox import Limits, RunResult, isolation_mode, run_program
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|$)", re.S)
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _PY = {"", "python", "py", "python3", "py3"}
 
 

@@ -66,8 +66,7 @@ def _boxed_contents(text: str) -> list[str]:
 
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_ANSWER_IS = re.compile(
-    r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\n|$)", re.I)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*:?[ \t]*\n?", re.I)
 
 
 def clean_answer(s: str) -> str:
@@ -94,12 +93,15 @@ def extract_math_answer(text: str) -> str | None:
     tags = [t for t in tags if t.strip()]
     if tags:
         return clean_answer(tags[-1]) or None
-    said = [m.group(1) for m in _ANSWER_IS.finditer(text) if m.group(1).strip()]
+    said = [text[m.end():].split("\n", 1)[0].strip() for m in _ANSWER_IS.finditer(text)]
+    said = [s for s in said if s]
     if said:
         s = said[-1]
-        spans = _MATH_SPAN.findall(s)
-        if spans:  # "The answer is $\frac12$ since ..." -> the math span
-            s = next(g for g in spans[0] if g)
+        span = _MATH_SPAN.match(s.lstrip("*"))
+        if span:  # "The answer is $\frac12$ since ..." -> the math span
+            s = next(g for g in span.groups() if g)
+        else:  # up to the end of the sentence
+            s = re.split(r"\.(?:\s|$)", s)[0]
         return clean_answer(s) or None
     hashes = re.findall(r"####\s*(.+?)\s*(?:\n|$)", text)
     if hashes and hashes[-1].strip():
@@ -169,8 +171,8 @@ def grade_math(responses: list[str], golds: list[str], workers: int | None = Non
             todo.append(i)
     if todo:
         n_workers = default_workers(len(todo)) if workers is None else workers
-        res = map_with_timeout(math_equal, [(str(golds[i]), extracted[i]) for i in todo], n_workers, timeout_s,
-                               preload=("math_verify",))
+        res = map_with_timeout("aropd.evaluators.grade_math:math_equal",
+                               [(str(golds[i]), extracted[i]) for i in todo], n_workers, timeout_s)
         for i, (ok, val) in zip(todo, res):
             if not ok:
                 verdicts[i] = Verdict(False, extracted[i], f"grading {val}" if val == "timeout" else str(val))

@@ -1,50 +1,96 @@
-"""A small process pool with a per-task timeout (``concurrent.futures`` cannot kill one hung task).
+"""A small pool of worker processes with a per-task timeout (``concurrent.futures`` cannot kill one
+hung task, and ``signal.alarm`` only works on the main thread).
 
-Workers are started with the ``spawn`` method (safe inside a process that holds threads, CUDA or a
-distributed backend), import ``preload`` modules, say they are ready, then run tasks one at a time.
-A task that exceeds ``timeout_s`` gets its worker killed and replaced; a worker that dies reports
-the task as failed. Nothing here raises because of a task.
+Workers are plain subprocesses, ``python -m aropd.evaluators.pool module:function``, that read one
+JSON list of arguments per line on stdin and answer one JSON line on stdout. Being fresh
+interpreters (not forks, not ``multiprocessing`` spawns), they are safe to start from a process that
+holds threads, CUDA or a distributed backend, and they never re-import the caller's ``__main__``.
+A task that runs past ``timeout_s`` gets its worker killed and replaced; a worker that dies reports
+its task as failed. Nothing here raises because of a task.
 """
 
 from __future__ import annotations
 
 import importlib
-import multiprocessing as mp
+import json
+import os
+import select
+import subprocess
+import sys
 import time
-import traceback
 from collections import deque
-from multiprocessing.connection import wait
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-_READY = "__ready__"
+_READY = "READY"
 
 
-def _worker(conn, preload: Sequence[str]) -> None:  # pragma: no cover - runs in the child
-    for name in preload:
-        importlib.import_module(name)
-    conn.send(_READY)
-    while True:
+def _resolve(target: str):
+    mod, _, fn = target.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _serve(target: str) -> None:  # pragma: no cover - runs in the worker
+    func = _resolve(target)
+    out = sys.stdout
+    out.write(_READY + "\n")
+    out.flush()
+    for line in sys.stdin:
         try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        func, args = msg
-        try:
-            conn.send((True, func(*args)))
+            res = {"ok": True, "value": func(*json.loads(line))}
         except BaseException as e:  # noqa: BLE001 - report, keep serving
-            conn.send((False, f"error: {type(e).__name__}: {e}"[:500]))
+            res = {"ok": False, "value": f"error: {type(e).__name__}: {e}"[:500]}
+        out.write(json.dumps(res) + "\n")
+        out.flush()
 
 
-def map_with_timeout(func: Callable[..., Any], items: Sequence[tuple], workers: int, timeout_s: float,
-                     preload: Sequence[str] = ()) -> list[tuple[bool, Any]]:
-    """``[(ok, value)]`` for ``func(*item)`` per item, in order; ``(False, reason)`` on a timeout
-    (``"timeout"``), an exception or a dead worker. ``workers <= 0`` runs in this process (no
-    timeout protection)."""
+class _Worker:
+    def __init__(self, target: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "aropd.evaluators.pool", target],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+        self.buf = b""
+        self.ready = False
+        self.task: int | None = None
+        self.t0 = 0.0
+        self.born = time.monotonic()
+
+    def lines(self) -> list[str] | None:
+        """Complete lines available now; ``None`` at EOF (the worker died)."""
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            return None
+        self.buf += chunk
+        *done, self.buf = self.buf.split(b"\n")
+        return [d.decode("utf-8", "replace") for d in done]
+
+    def send(self, i: int, args: tuple) -> None:
+        self.task, self.t0 = i, time.monotonic()
+        self.proc.stdin.write((json.dumps(list(args)) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def map_with_timeout(target: str, items: Sequence[tuple], workers: int, timeout_s: float,
+                     startup_timeout_s: float = 120.0) -> list[tuple[bool, Any]]:
+    """``[(ok, value)]`` for ``target(*item)`` (``target`` = ``"module:function"``, arguments and
+    results JSON-serialisable), in order; ``(False, reason)`` on a timeout (``"timeout"``), an
+    exception or a dead worker. ``workers <= 0`` runs in this process, without timeout protection."""
     if not items:
         return []
     if workers <= 0:
+        func = _resolve(target)
         out = []
         for args in items:
             try:
@@ -53,69 +99,56 @@ def map_with_timeout(func: Callable[..., Any], items: Sequence[tuple], workers: 
                 out.append((False, f"error: {type(e).__name__}: {e}"))
         return out
 
-    ctx = mp.get_context("spawn")
     results: list[tuple[bool, Any] | None] = [None] * len(items)
     pending = deque(range(len(items)))
-    slots: list[dict] = []
-
-    def start() -> dict:
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(child, tuple(preload)), daemon=True)
-        p.start()
-        child.close()
-        return {"proc": p, "conn": parent, "ready": False, "task": None, "t0": 0.0}
-
-    def stop(s: dict) -> None:
-        if s["proc"].is_alive():
-            s["proc"].kill()
-        s["proc"].join(5)
-        s["conn"].close()
-
+    pool: list[_Worker] = []
     try:
-        slots = [start() for _ in range(min(workers, len(items)))]
-        while pending or any(s["task"] is not None for s in slots):
-            for s in slots:
-                if s["ready"] and s["task"] is None and pending:
+        pool = [_Worker(target) for _ in range(min(workers, len(items)))]
+        while pending or any(w.task is not None for w in pool):
+            for w in pool:
+                if w.ready and w.task is None and pending:
                     i = pending.popleft()
-                    s["task"], s["t0"] = i, time.monotonic()
-                    s["conn"].send((func, items[i]))
+                    w.send(i, items[i])
             now = time.monotonic()
-            deadlines = [s["t0"] + timeout_s - now for s in slots if s["task"] is not None]
-            ready = wait([s["conn"] for s in slots], timeout=max(0.01, min(deadlines)) if deadlines else 1.0)
-            for k, s in enumerate(slots):
-                if s["conn"] in ready:
-                    try:
-                        msg = s["conn"].recv()
-                    except (EOFError, OSError):
-                        if s["task"] is not None:
-                            results[s["task"]] = (False, "error: grading worker died")
-                        elif not s["ready"]:
-                            raise RuntimeError("grading worker failed to start")
-                        stop(s)
-                        slots[k] = start()
-                        continue
-                    if msg == _READY:
-                        s["ready"] = True
-                    else:
-                        results[s["task"]] = msg
-                        s["task"] = None
+            waits = [w.t0 + timeout_s - now for w in pool if w.task is not None]
+            timeout = max(0.01, min(waits)) if waits else 1.0
+            readable, _, _ = select.select([w.fd for w in pool], [], [], timeout)
+            for k, w in enumerate(pool):
+                if w.fd not in readable:
+                    continue
+                got = w.lines()
+                if got is None:  # died
+                    if w.task is not None:
+                        results[w.task] = (False, "error: grading worker died")
+                    elif not w.ready:
+                        raise RuntimeError(f"grading worker for {target} failed to start")
+                    w.kill()
+                    pool[k] = _Worker(target)
+                    continue
+                for line in got:
+                    if line == _READY:
+                        w.ready = True
+                    elif w.task is not None:
+                        msg = json.loads(line)
+                        results[w.task] = (bool(msg["ok"]), msg["value"])
+                        w.task = None
             now = time.monotonic()
-            for k, s in enumerate(slots):
-                if s["task"] is not None and now - s["t0"] > timeout_s:
-                    results[s["task"]] = (False, "timeout")
-                    stop(s)
-                    slots[k] = start()
-    except Exception:
+            for k, w in enumerate(pool):
+                if w.task is not None and now - w.t0 > timeout_s:
+                    results[w.task] = (False, "timeout")
+                    w.kill()
+                    pool[k] = _Worker(target)
+                elif not w.ready and now - w.born > startup_timeout_s:
+                    raise RuntimeError(f"grading worker for {target} did not start within {startup_timeout_s:g} s")
+    except Exception as e:  # noqa: BLE001 - whatever is unfinished is reported, not raised
         for i, r in enumerate(results):
             if r is None:
-                results[i] = (False, "error: " + traceback.format_exc(limit=1).strip().splitlines()[-1])
+                results[i] = (False, f"error: {type(e).__name__}: {e}")
     finally:
-        for s in slots:
-            try:
-                s["conn"].send(None)
-            except (OSError, ValueError):
-                pass
-        for s in slots:
-            s["proc"].join(2)
-            stop(s)
+        for w in pool:
+            w.kill()
     return [r if r is not None else (False, "error: not run") for r in results]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _serve(sys.argv[1])

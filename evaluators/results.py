@@ -38,7 +38,7 @@ from .base import Benchmark, Verdict
 from .grade_code import pass_at_k
 from .registry import get_benchmark
 
-PASS_KS = (1, 5, 10, 100)
+PASS_KS = (1, 2, 5, 10, 100)
 
 
 def _code_isolation() -> str:

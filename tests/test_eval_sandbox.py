@@ -1,0 +1,149 @@
+"""The code sandbox against hostile and careless programs, in every isolation mode available here.
+
+Each program runs as a real sandboxed subprocess (no mocks). A run counts as passed only if the
+harness saw the program finish; all of these must fail, within their time limit, leave no process
+behind and write nothing outside their own temporary directory.
+"""
+
+import os
+import shutil
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from aropd.evaluators import sandbox
+from aropd.evaluators.sandbox import Limits, run_program
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = [m for m in ("bwrap", "unshare") if sandbox._probe(m)]
+SLACK = 4.0  # seconds on top of a time limit for start-up and clean-up on a busy 2-core machine
+
+
+def _procs_matching(needle: str) -> list[str]:
+    """Command lines of live processes containing ``needle`` (zombies included)."""
+    hits = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if needle in cmd:
+            hits.append(f"{pid}: {cmd[:120]}")
+    return hits
+
+
+def test_some_isolation_is_available_and_bwrap_is_preferred():
+    assert sandbox.isolation_mode() in sandbox.MODES
+    if shutil.which("bwrap") and "bwrap" in MODES:
+        assert sandbox.isolation_mode() == "bwrap"
+    assert MODES, "neither bubblewrap nor unshare works here"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hostile_programs_fail_in_time_and_leave_nothing(mode, tmp_path, monkeypatch):
+    tag = f"aropd-test-{uuid.uuid4().hex}"
+    sleeper = "987.%d" % (uuid.uuid4().int % 1000)
+    escape_targets = [tmp_path / "escape.txt", ROOT / "tests" / f".escape-{tag}",
+                      Path("/var/tmp") / f"escape-{tag}", Path("/dev/shm") / f"escape-{tag}"]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+
+    short = Limits(timeout_s=3)
+    cases = {
+        # name: (program, limits, substring expected in the reason)
+        "infinite loop": ("while True:\n    pass\n", short, "timeout"),
+        "sleeps forever": ("import time\ntime.sleep(1000)\n", short, "timeout"),
+        "early sys.exit(0)": ("import sys\nsys.exit(0)\nassert False\n", short, "SystemExit"),
+        "early os._exit(0)": ("import os\nos._exit(0)\n", short, "exited before the tests finished"),
+        "fork bomb": ("import os\nwhile True:\n    os.fork()\n", short, "BlockingIOError"),
+        "memory hog": ("x = []\nwhile True:\n    x.append(bytearray(32 * 2**20))\n",
+                       Limits(timeout_s=8, memory_mb=256), "MemoryError"),
+        "huge file": ("open('big.bin', 'wb').write(b'x' * (4 * 2**20))\n", Limits(timeout_s=5, file_size_mb=1),
+                      "File too large"),
+        "writes outside": (
+            "import os\nok = 0\n"
+            f"for p in {[str(p) for p in escape_targets]!r}:\n"
+            "    try:\n        open(p, 'w').write('escaped')\n        ok += 1\n    except OSError:\n        pass\n"
+            "raise SystemExit(0)\n", short, "SystemExit"),
+        "network connect": (
+            "import socket\n"
+            f"socket.create_connection(('127.0.0.1', {port}), timeout=1)\n", short, "Error"),
+        "internet connect": ("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\n", short, "Error"),
+        "kills the parent": (
+            "import os, signal\n"
+            "for target in (os.getppid(), %d, -1):\n"
+            "    try:\n        os.kill(target, signal.SIGKILL)\n    except OSError:\n        pass\n"
+            "import time\ntime.sleep(0.5)\nraise SystemExit(0)\n" % os.getpid(), short, ""),
+        "forges the marker": (
+            "import os, sys, json\nos.write(json.loads(sys.argv[1])['fd'], b'PASS 00000000')\nos._exit(0)\n",
+            short, "tampered"),
+        "setsid child outlives": (
+            "import subprocess, os\n"
+            f"subprocess.Popen(['sleep', '{sleeper}'], start_new_session=True)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(1000)\n"
+            "os._exit(0)\n", short, "exited before the tests finished"),
+    }
+
+    def go(item):
+        name, (prog, lim, _) = item
+        return name, run_program(prog, lim, mode=mode, tag=tag)
+
+    with ThreadPoolExecutor(2) as ex:
+        results = dict(ex.map(go, cases.items()))
+
+    for name, (_, lim, want) in cases.items():
+        r = results[name]
+        assert not r.passed, f"{name}: passed ({r.reason})"
+        assert r.isolation == mode
+        assert want in r.reason, f"{name}: reason {r.reason!r} lacks {want!r}"
+        assert r.elapsed_s < lim.timeout_s + SLACK, f"{name}: took {r.elapsed_s:.1f} s"
+    for name in ("infinite loop", "sleeps forever"):
+        assert results[name].elapsed_s >= 3.0
+    # nothing left running: no harness process of this run, no session-escaped sleeper
+    assert _procs_matching(tag) == []
+    assert _procs_matching(f"sleep {sleeper}") == []
+    # nothing written outside, no connection reached the host
+    for p in escape_targets:
+        assert not p.exists(), f"{p} was written from inside the sandbox"
+        if p.exists():
+            p.unlink()
+    with pytest.raises(BlockingIOError):
+        server.accept()
+    server.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clean_environment_and_private_working_directory(mode, monkeypatch):
+    monkeypatch.setenv("AROPD_TEST_SECRET_TOKEN", "hunter2")
+    name = f"scratch-{uuid.uuid4().hex}.txt"
+    prog = (
+        "import os\n"
+        "assert 'AROPD_TEST_SECRET_TOKEN' not in os.environ, 'parent environment leaked'\n"
+        "assert not any('hunter2' in v for v in os.environ.values())\n"
+        "assert os.environ['PATH'] and os.environ['HOME']\n"
+        f"open({name!r}, 'w').write('kept inside')\n"
+        f"assert open({name!r}).read() == 'kept inside'\n"
+        "assert 'CapEff:\\t0000000000000000' in open('/proc/self/status').read(), 'capabilities left'\n"
+        "import numpy\n"  # the interpreter's site-packages are reachable
+    )
+    r = run_program(prog, Limits(timeout_s=20), mode=mode)
+    assert r.passed, r.reason + r.output_tail
+    # the scratch file lived only in the sandbox's temporary directory
+    hits = [str(p) for p in Path("/tmp").glob(f"**/{name}")]
+    assert hits == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_tail_is_kept_and_exceptions_are_named(mode):
+    r = run_program("print('hello from the sandbox')\nraise KeyError('k')\n", Limits(timeout_s=10), mode=mode)
+    assert not r.passed
+    assert r.reason.startswith("failed: KeyError")
+    assert "hello from the sandbox" in r.output_tail
