@@ -208,8 +208,8 @@ class PrivilegedDataModule(L.LightningDataModule):
         if problems:
             raise ValueError("; ".join(problems))
         self.train_sources = [train] if isinstance(train, str) else list(train)
-        self.fields = fields or FieldNames()
-        self.template = template or PromptTemplate()
+        self.fields = FieldNames(**fields) if isinstance(fields, dict) else fields or FieldNames()
+        self.template = PromptTemplate(**template) if isinstance(template, dict) else template or PromptTemplate()
         self.partial_ratio = partial_ratio
         self.max_prompt_tokens, self.max_teacher_tokens = max_prompt_tokens, max_teacher_tokens
         self.max_new_tokens = max_new_tokens

@@ -625,25 +625,28 @@ class LengthFilter:
         self.tok, self.template, self.budgets = tokenizer, template, budgets
         self.max_seen = {"student_prompt": 0, "teacher_prompt": 0, "completion": 0}
 
-    def lengths(self, question: str, reasoning: str, answer: str) -> dict[str, int]:
+    def _measures(self, question: str, reasoning: str, answer: str):
+        eos = 1 if self.tok.eos_token_id is not None else 0  # the datamodule ends each SFT target with EOS
+        yield "student_prompt", lambda: len(render(self.tok, self.template.student_messages(question)))
+        yield "teacher_prompt", lambda: len(
+            render(self.tok, self.template.teacher_messages(question, reasoning, answer))
+        )
         trace = self.template.format_trace(reasoning, answer)
-        eos = 1 if self.tok.eos_token_id is not None else 0
-        return {
-            "student_prompt": len(render(self.tok, self.template.student_messages(question))),
-            "teacher_prompt": len(render(self.tok, self.template.teacher_messages(question, reasoning, answer))),
-            "completion": len(self.tok(trace, add_special_tokens=False)["input_ids"]) + eos,
-        }
+        yield "completion", lambda: len(self.tok(trace, add_special_tokens=False)["input_ids"]) + eos
+
+    def lengths(self, question: str, reasoning: str, answer: str) -> dict[str, int]:
+        return {key: measure() for key, measure in self._measures(question, reasoning, answer)}
 
     def check(self, example: Example) -> None:
-        n = self.lengths(*example)
+        """Raise ``Drop`` for the first length over its budget (measured in this order, lazily)."""
         b = self.budgets
-        for key, budget, reason in (
-            ("student_prompt", b.max_prompt_tokens, "student_prompt_too_long"),
-            ("teacher_prompt", b.max_teacher_tokens, "teacher_prompt_too_long"),
-            ("completion", b.max_completion_tokens, "completion_too_long"),
-        ):
-            if n[key] > budget:
-                raise Drop(reason)
+        budgets = {"student_prompt": b.max_prompt_tokens, "teacher_prompt": b.max_teacher_tokens,
+                   "completion": b.max_completion_tokens}
+        n = {}
+        for key, measure in self._measures(*example):
+            n[key] = measure()
+            if n[key] > budgets[key]:
+                raise Drop(f"{key}_too_long")
         for key in n:
             self.max_seen[key] = max(self.max_seen[key], n[key])
 

@@ -1,0 +1,162 @@
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from aropd.data import PrivilegedDataModule
+from aropd.models import build_tiny_llama, train_tiny_tokenizer
+from aropd.module import PrivilegedDistillation
+from aropd.rollout import Rollout, completion_mask
+from aropd.teachers import EMATeacher, SeparateTeacher, completion_hidden, left_pad_stack
+
+
+@pytest.fixture(scope="module")
+def module(tiny_path):
+    m = PrivilegedDistillation(student=tiny_path)
+    m.configure_model()
+    return m
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_path):
+    dm = PrivilegedDataModule(tokenizer=tiny_path, batch_size=4)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def _unpadded_logprobs(model, prompt, completion):
+    ids = torch.cat([prompt, completion]).unsqueeze(0)
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + len(completion) - 1]
+    return logits.log_softmax(-1)
+
+
+def test_completion_positions_align_with_unpadded_forward(module, batch):
+    """Left padding must not move positions: row t predicts completion token t, as without padding."""
+    model = module.student.eval()
+    g = torch.Generator().manual_seed(0)
+    completion = torch.randint(5, 300, (batch.student_ids.shape[0], 6), generator=g)
+    cmask = torch.ones_like(completion)
+    with torch.no_grad():
+        h = completion_hidden(model, batch.student_ids, batch.student_mask, completion, cmask)
+        batched = model.get_output_embeddings()(h).log_softmax(-1)
+        for b in range(completion.shape[0]):
+            prompt = batch.student_ids[b][batch.student_mask[b].bool()]
+            ref = _unpadded_logprobs(model, prompt, completion[b])
+            assert torch.allclose(batched[b], ref, atol=1e-4)
+    assert batch.student_mask[:, 0].min() == 0  # the batch really is left-padded somewhere
+
+
+def test_dual_view_batched_forward_equals_separate_forwards(module, batch):
+    t = module.teacher_model
+    completion = torch.randint(5, 300, (batch.full_ids.shape[0], 5))
+    cmask = torch.ones_like(completion)
+    ids, mask = left_pad_stack(batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, 0)
+    with torch.no_grad():
+        both = completion_hidden(t, ids, mask, completion.repeat(2, 1), cmask.repeat(2, 1))
+        full = completion_hidden(t, batch.full_ids, batch.full_mask, completion, cmask)
+        part = completion_hidden(t, batch.partial_ids, batch.partial_mask, completion, cmask)
+    n = completion.shape[0]
+    assert torch.allclose(both[:n], full, atol=1e-4) and torch.allclose(both[n:], part, atol=1e-4)
+    assert not torch.allclose(full, part, atol=1e-3)  # the views really differ
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[2, 7, 7], [5, 2, 2], [5, 6, 7], [9, 3, 2]])
+    assert completion_mask(ids, [2]).tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]]
+    assert completion_mask(ids, [2, 3]).tolist()[3] == [1, 1, 0]
+
+
+def test_gradients_reach_only_the_student(tiny_path, batch):
+    m = PrivilegedDistillation(student=tiny_path)
+    m.configure_model()
+    out = m.training_step(batch, 0)
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.teacher_model.parameters())
+    assert all(not p.requires_grad for p in m.teacher_model.parameters())
+    grads = [p.grad for p in m.student.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    rec = out["record"]
+    assert rec.kl.shape == rec.mask.shape == out["record"].completion_ids.shape
+    assert torch.isfinite(out["loss"])
+
+
+def test_eos_first_rollout_carries_one_token_and_no_nan(module, batch):
+    eos = module.tokenizer.eos_token_id
+    n = batch.student_ids.shape[0]
+    completion = torch.full((n, 4), module.tokenizer.pad_token_id)
+    completion[:, 0] = eos
+    r = Rollout(batch.student_ids, batch.student_mask, completion, completion_mask(completion, [eos]))
+    assert r.completion_mask.sum(-1).tolist() == [1] * n
+    from aropd.loss import distillation_loss
+
+    with torch.no_grad():
+        ids, mask = left_pad_stack(batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, 0)
+        th = completion_hidden(module.teacher_model, ids, mask, completion.repeat(2, 1), r.completion_mask.repeat(2, 1))
+    sh = completion_hidden(module.student, *r)
+    head = module.student.get_output_embeddings()
+    loss, rec = distillation_loss(sh, th, head, head, completion, r.completion_mask, module.target_fn, module.clip)
+    assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in rec.values())
+
+
+class _Snapshots(L.Callback):
+    def __init__(self):
+        self.student, self.teacher = [], []
+
+    def _snap(self, pl_module):
+        self.student.append([p.detach().clone() for p in pl_module.student.parameters()])
+        self.teacher.append([p.detach().clone() for p in pl_module.teacher_model.parameters()])
+
+    def on_train_start(self, trainer, pl_module):
+        self._snap(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._snap(pl_module)
+
+
+def test_teacher_changes_only_by_the_ema_rule(tiny_path):
+    alpha = 0.25
+    m = PrivilegedDistillation(student=tiny_path, teacher=EMATeacher(alpha), optimizer=lambda p: torch.optim.SGD(p, 0.5))
+    dm = PrivilegedDataModule(tokenizer=tiny_path, batch_size=4)
+    snaps = _Snapshots()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[snaps])
+    trainer.fit(m, dm)
+    assert len(snaps.teacher) == 4
+    for s0, t0 in zip(snaps.student[0], snaps.teacher[0]):
+        assert torch.equal(s0, t0)  # the EMA teacher starts as the student
+    moved = 0
+    for k in range(1, 4):
+        for t_prev, t_now, s_now in zip(snaps.teacher[k - 1], snaps.teacher[k], snaps.student[k]):
+            assert torch.allclose(t_now, (1 - alpha) * t_prev + alpha * s_now, atol=1e-6)
+            moved += int(not torch.equal(t_now, t_prev))
+    assert moved > 0
+
+
+def test_separate_teacher_with_another_vocabulary_fails_at_start(tmp_path, module):
+    tok = train_tiny_tokenizer(["completely different text " * 50], vocab_size=300)
+    build_tiny_llama(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"teacher '{tmp_path}'.*vocabulary differs"):
+        SeparateTeacher(str(tmp_path)).build(module.student, module.tokenizer)
+
+
+def test_separate_teacher_with_the_same_tokenizer_loads(tiny_path, module):
+    teacher = SeparateTeacher(tiny_path).build(module.student, module.tokenizer)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,option", [({"lam": -1.0}, "lam"), ({"clip": 0.0}, "clip"), ({"jsd_beta": 2.0}, "jsd_beta"),
+                      ({"skip_tokens": -1}, "skip_tokens")]
+)
+def test_bad_options_raise_naming_them(tiny_path, kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        PrivilegedDistillation(student=tiny_path, **kwargs)
+
+
+def test_method_presets_set_lambda_and_clip(tiny_path):
+    assert (PrivilegedDistillation(tiny_path, method="full_opd").lam, PrivilegedDistillation(tiny_path, method="full_opd").clip) == (1.0, None)
+    assert PrivilegedDistillation(tiny_path, method="partial_opd").lam == 0.0
+    m = PrivilegedDistillation(tiny_path, method="ar_opd", lam=1.2, clip=2.0)
+    assert (m.lam, m.clip) == (1.2, 2.0)
