@@ -571,10 +571,13 @@ def load_rows(input: str, split: str = "train", cache_dir: str | None = None) ->
     of data files, or a hub id. Any failure becomes a :class:`MaterializeError` naming ``input``."""
     import datasets
 
-    path = Path(input)
+    path = Path(input).expanduser()
     try:
         if path.is_file():
-            builder = _FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+            suffixes = [x.lower() for x in path.suffixes]
+            if suffixes[-1:] and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):  # datasets decompresses these
+                suffixes = suffixes[:-1]
+            builder = _FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
             if builder is None:
                 raise MaterializeError(f"cannot read input {input!r}: unknown file type (use {sorted(_FILE_BUILDERS)})")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
@@ -588,7 +591,7 @@ def load_rows(input: str, split: str = "train", cache_dir: str | None = None) ->
             else:
                 ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
         elif input.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS or input.count("/") != 1:
-            raise MaterializeError(f"cannot read input {input!r}: no such file or folder")
+            raise MaterializeError(f"cannot read input {input!r}: no such file or folder (a hub id is owner/name)")
         else:
             ds = datasets.load_dataset(input, split=split, cache_dir=cache_dir)
     except MaterializeError:
@@ -734,6 +737,10 @@ def materialize(
             f"input {input!r} has none of the {src.name} columns {list(src.columns)} (it has {ds.column_names})"
         )
     ds = ds.select_columns([c for c in src.columns if c in ds.column_names])
+    try:  # fail now, not after the whole input has been processed
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MaterializeError(f"cannot create the output folder {str(out.parent)!r}: {e}") from e
     convert = (lambda row: convert_code(row, code_languages)) if src.name == "code" else src.convert
 
     drops: dict[str, list[int]] = {}

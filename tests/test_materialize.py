@@ -6,6 +6,7 @@ value below is worked out by hand from those rows.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import shlex
@@ -396,7 +397,10 @@ def test_reads_parquet_and_saved_folder(tmp_path):
     _, from_parquet = run(tmp_path, "medical", str(tmp_path / "medmcqa.parquet"), name="p.jsonl")
     _, from_saved = run(tmp_path, "medical", str(tmp_path / "saved"), name="s.jsonl")
     m, from_val = run(tmp_path, "medical", str(tmp_path / "saved"), name="v.jsonl", split="validation")
-    assert from_parquet == from_jsonl == from_saved
+    gz = tmp_path / "medmcqa.jsonl.gz"
+    gz.write_bytes(gzip.compress((FIXTURES / "medmcqa.jsonl").read_bytes()))
+    _, from_gz = run(tmp_path, "medical", str(gz), name="g.jsonl")
+    assert from_parquet == from_jsonl == from_saved == from_gz
     assert [r["source_index"] for r in from_val] == [0, 1, 2] and m["split"] == "validation"
 
 
@@ -416,6 +420,10 @@ def test_errors_name_the_problem_and_write_nothing(tmp_path, monkeypatch, capsys
         materialize("math", out, str(garbage), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(M.MaterializeError, match="has none of the math columns"):
         materialize("math", out, str(FIXTURES / "medmcqa.jsonl"), cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(M.MaterializeError, match="cannot create the output folder '.*a-file'"):
+        materialize("math", tmp_path / "a-file" / "train.jsonl", str(FIXTURES / "numinamath.jsonl"),
+                    cache_dir=str(tmp_path / "cache"))
     with pytest.raises(M.MaterializeError, match="cannot load tokenizer '.*no-such-tokenizer'"):
         materialize("math", out, str(FIXTURES / "numinamath.jsonl"), tokenizer=str(tmp_path / "no-such-tokenizer"))
 
