@@ -290,7 +290,7 @@ _SEP = r"[\s.:;,\-–—=>]*"
 # A cue word: "Ans", "Ans.", "Answer", "Answers", "Option", "Opt.", "Choice", optionally after
 # "(the) correct/right/true/best". "ans…" or an adjective makes it strong: it asserts the answer.
 _CUE = re.compile(
-    r"(?P<adj>(?:the\s+)?(?:correct|right|true|best)\s+)?(?P<word>ans(?:wer)?s?|options?|opt|choices?)\b\.?",
+    r"(?:the\s+)?(?P<adj>(?:correct|right|true|best)\s+)?(?P<word>ans(?:wer)?s?|options?|opt|choices?)\b\.?",
     re.IGNORECASE,
 )
 _IS = re.compile(rf"{_SEP}(?:(?:is|was)\b{_SEP})?(?:(?:option|opt|choice)\b\.?\s*)?", re.IGNORECASE)
