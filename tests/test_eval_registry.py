@@ -220,3 +220,18 @@ def test_hub_failure_points_to_a_local_file(monkeypatch):
 def test_fixture_folder_has_one_file_per_hub_benchmark():
     hub = {n for n, b in BENCHMARKS.items() if b.hub_id}
     assert {p.name.split(".")[0] for p in FIX.glob("*.jsonl")} >= hub
+
+
+def test_suite_files_name_registered_benchmarks():
+    import yaml
+
+    from aropd.evaluators import SUITES
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "suites").glob("*.yaml"))
+    assert {f.stem for f in files} == {"math", "code", "science", "medical", "all", "toy"}
+    for f in files:
+        specs = yaml.safe_load(f.read_text())["data"]["init_args"]["val_benchmarks"]
+        names = [s["name"] for s in specs]
+        assert names == SUITES[f.stem], f.name
+        assert all(set(s) <= {"name", "data_path", "limit"} for s in specs)
+    assert SUITES["all"] == SUITES["math"] + SUITES["code"] + SUITES["science"] + SUITES["medical"]
