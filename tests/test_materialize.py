@@ -509,6 +509,7 @@ def test_data_config_matches_its_command(source):
     assert f"aropd fit --config configs/quickstart.yaml --config configs/data/{source}.yaml" in text
 
 
+@pytest.mark.slow
 def test_aropd_fit_reads_the_output(tmp_path, monkeypatch):
     cli = pytest.importorskip("aropd.cli")
     # materialized for the quickstart's tiny student, with the rollout budget the fit below uses
