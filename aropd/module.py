@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,10 @@ class PrivilegedDistillation(L.LightningModule):
         key = (((self.hparams.seed * 1_000_003 + stream) * 1_000_003 + epoch) * 1_000_003 + batch_idx) * 65_537 + rank
         return key % (2**63 - 1)
 
+    def phase(self, name: str):
+        """A named span in the trainer's profiler (``scripts/bench_step.py`` reads them)."""
+        return self._trainer.profiler.profile(f"aropd/{name}") if self._trainer is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def rollout(self, prompt_ids, prompt_mask, sampling: SamplingConfig, seed: int) -> Rollout:
         """Sample completions from the student (eval mode, KV cache, seeded stream)."""
@@ -155,21 +160,23 @@ class PrivilegedDistillation(L.LightningModule):
             loss = sft_loss(completion_hidden(self.student, *ref), head, ref.completion_ids, ref.completion_mask, chunk)
             self._log_train(loss, ref.completion_mask, {})
             return loss
-        rollout = self.rollout(batch.student_ids, batch.student_mask, self.sampling, self.rollout_seed(batch_idx))
-        with torch.no_grad():  # both views in one batched forward: full rows first, then partial
+        with self.phase("rollout"):
+            rollout = self.rollout(batch.student_ids, batch.student_mask, self.sampling, self.rollout_seed(batch_idx))
+        with self.phase("teacher_scoring"), torch.no_grad():  # both views in one forward: full rows, then partial
             ids, mask = left_pad_stack(
                 batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, self.tokenizer.pad_token_id
             )
             teacher_h = completion_hidden(
                 self.teacher_model, ids, mask, rollout.completion_ids.repeat(2, 1), rollout.completion_mask.repeat(2, 1)
             )
-        student_h = completion_hidden(self.student, *rollout)
-        loss, per_pos = distillation_loss(
-            student_h, teacher_h, head, self.teacher_model.get_output_embeddings(),
-            rollout.completion_ids, rollout.completion_mask, self.target_fn, self.clip,
-            divergence=self.hparams.divergence, jsd_beta=self.hparams.jsd_beta,
-            skip_tokens=self.hparams.skip_tokens, chunk_size=chunk, support_top_p=self.hparams.support_top_p,
-        )
+        with self.phase("student_forward_and_loss"):
+            student_h = completion_hidden(self.student, *rollout)
+            loss, per_pos = distillation_loss(
+                student_h, teacher_h, head, self.teacher_model.get_output_embeddings(),
+                rollout.completion_ids, rollout.completion_mask, self.target_fn, self.clip,
+                divergence=self.hparams.divergence, jsd_beta=self.hparams.jsd_beta,
+                skip_tokens=self.hparams.skip_tokens, chunk_size=chunk, support_top_p=self.hparams.support_top_p,
+            )
         record = StepRecord(
             mask=rollout.completion_mask.float(), completion_ids=rollout.completion_ids,
             mismatch=per_pos.pop("mismatch", None), privileged_len=batch.privileged_len,
