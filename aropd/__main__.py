@@ -1,3 +1,3 @@
-from aropd.cli import main
+from aropd.cli import entry
 
-main()
+entry()

@@ -32,5 +32,10 @@ def main(args: list[str] | None = None) -> AropdCLI:
     )
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """Console-script entry point (``aropd``): like ``main`` but returns nothing for ``sys.exit``."""
     main()
+
+
+if __name__ == "__main__":
+    entry()
