@@ -46,6 +46,7 @@ import functools
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import site
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,14 +409,9 @@ def run_program(program: str, limits: Limits = Limits(), mode: str | None = None
                                     close_fds=True)
         os.close(w_fd)
         w_fd = -1
-        timed_out = False
         try:
-            proc.communicate(nonce.encode() + b"\n" + program.encode("utf-8", "surrogateescape"),
-                             timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except (BrokenPipeError, OSError):
-            pass
+            timed_out = not _feed_and_wait(proc, nonce.encode() + b"\n" + program.encode("utf-8", "surrogateescape"),
+                                           start + limits.timeout_s)
         finally:
             _kill_group(proc)
             if cfg.get("uid") is not None and mode == "rlimits":
@@ -455,6 +452,46 @@ def run_program(program: str, limits: Limits = Limits(), mode: str | None = None
         if proc is not None and proc.poll() is None:  # pragma: no cover - belt and braces
             _kill_group(proc)
         shutil.rmtree(hostdir, ignore_errors=True)
+
+
+def _feed_and_wait(proc: subprocess.Popen, data: bytes, deadline: float) -> bool:
+    """Write ``data`` to the child's stdin (from a thread: a child that never reads cannot block us)
+    and wait for it to exit until ``deadline``; True if it exited in time. Waits on a pidfd where
+    the kernel has them (exact wake-up), else on ``Popen.wait``'s polling."""
+
+    def feed() -> None:
+        try:
+            proc.stdin.write(data)
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        if pidfd is not None:
+            ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return False
+            proc.wait()
+            return True
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        writer.join(timeout=5)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
