@@ -26,8 +26,10 @@ Isolation, best first (:func:`isolation_mode` picks the first that works here, o
 ``rlimits``
     Last resort (no namespaces could be created): resource limits, a private temporary directory,
     a clean environment, its own process group, and as root a random unprivileged uid whose
-    processes are all killed afterwards. No network isolation. Refused as root when the
-    interpreter is not reachable by an unprivileged uid.
+    processes are all killed afterwards. Refused as root when the interpreter is not reachable by
+    an unprivileged uid. Weaker by nature: no network isolation, and as a normal user the program
+    can write wherever that user can and a child that leaves the process group (``setsid``) can
+    outlive the run. ``results.json`` records the mode, so such runs are visible.
 
 In every mode the harness sets ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE``,
 ``RLIMIT_NPROC``, ``RLIMIT_NOFILE`` and ``RLIMIT_CORE=0`` before the program runs, stdin is

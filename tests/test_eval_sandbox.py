@@ -147,3 +147,25 @@ def test_output_tail_is_kept_and_exceptions_are_named(mode):
     assert not r.passed
     assert r.reason.startswith("failed: KeyError")
     assert "hello from the sandbox" in r.output_tail
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_interpreter_in_a_virtualenv_under_tmp_still_runs(mode, tmp_path):
+    """A sandbox with a private /tmp must bind back an interpreter that lives under /tmp."""
+    import subprocess
+    import venv
+
+    assert str(tmp_path).startswith("/tmp/") or pytest.skip("pytest's tmp_path is not under /tmp here")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'evaluators')!r})\n"
+        "import sandbox\n"
+        "r = sandbox.run_program('import sys, json\\nassert sys.prefix.startswith(\"/tmp/\"), sys.prefix\\n', "
+        f"sandbox.Limits(timeout_s=20), mode={mode!r})\n"
+        "print(r.passed, r.reason)\n"
+    )
+    out = subprocess.run([str(py), "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True passed", out.stdout + out.stderr
