@@ -10,6 +10,12 @@ from aropd.module import PrivilegedDistillation
 
 class AropdCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # Subclass mode keeps `model.init_args.*` paths for sweeps; these defaults let a suite or
+        # recipe config stand alone without naming the classes again.
+        parser.set_defaults({
+            "model": {"class_path": "aropd.module.PrivilegedDistillation"},
+            "data": {"class_path": "aropd.data.PrivilegedDataModule"},
+        })
         # The data is tokenized for the student and cut to its rollout budget: these must stay equal.
         parser.link_arguments("model.init_args.student", "data.init_args.tokenizer")
         parser.link_arguments("model.init_args.sampling.max_new_tokens", "data.init_args.max_new_tokens")
