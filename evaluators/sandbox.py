@@ -10,7 +10,8 @@ Isolation, best first (:func:`isolation_mode` picks the first that works here, o
 ``AROPD_SANDBOX=bwrap|unshare|rlimits`` forces one):
 
 ``bwrap``
-    Bubblewrap: read-only root, private ``/tmp`` (a fresh tmpfs, also the working directory),
+    Bubblewrap: read-only root, private ``/tmp`` (a fresh tmpfs of ``Limits.tmp_mb``, also the
+    working directory),
     fresh ``/dev`` and ``/proc``, new PID / network / IPC / UTS namespaces (network = loopback
     only), ``--die-with-parent``, ``--new-session``, a cleared environment. When the grader runs as
     root, bwrap runs privileged and the harness drops to a random unprivileged uid/gid before the
@@ -20,8 +21,8 @@ Isolation, best first (:func:`isolation_mode` picks the first that works here, o
     ``/tmp`` is bound back the same way over the private ``/tmp``.
 ``unshare``
     ``unshare(1)``: new PID (``--kill-child``), mount, network, IPC and UTS namespaces (plus a user
-    namespace when not root). Inside, the harness binds its own temporary directory read-write and
-    remounts every other mount read-only, then drops to a random uid (root) or drops all
+    namespace when not root). Inside, the harness mounts a private tmpfs of ``Limits.tmp_mb`` on
+    its working directory and remounts every other mount read-only, then drops to a random uid (root) or drops all
     capabilities (user namespace).
 ``rlimits``
     Last resort (no namespaces could be created): resource limits, a private temporary directory,
@@ -73,6 +74,7 @@ class Limits:
     file_size_mb: int = 16
     nproc: int = 64
     nofile: int = 256
+    tmp_mb: int = 512  # private /tmp (bwrap, when it has --size) / working directory (unshare) size
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ def _mounts(cfg):
         mount("/proc/self/fd/%d" % fd, p, None, BIND | REC)
         os.close(fd)
     wd = cfg["workdir"]
-    mount(wd, wd, None, BIND)
+    mount("tmpfs", wd, "tmpfs", NOSUID | NODEV, "size=%d,mode=0700" % cfg["tmp_bytes"])
+    if cfg.get("uid") is not None:
+        os.chown(wd, cfg["uid"], cfg["uid"])
     unescape = lambda s: s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
     for line in open("/proc/self/mountinfo").read().splitlines():
         f = line.split()
@@ -296,9 +300,22 @@ def _python_cmd(cfg: dict) -> list[str]:
     return [sys.executable, "-I", "-B", "-c", HARNESS, json.dumps(cfg)]
 
 
-def _bwrap_cmd(cfg: dict, root: bool) -> tuple[list[str], dict]:
+@functools.lru_cache(maxsize=None)
+def _bwrap_has_size() -> bool:
+    """bwrap >= 0.8 can cap a tmpfs (``--size``)."""
+    try:
+        out = subprocess.run([shutil.which("bwrap") or "bwrap", "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--size" in out.stdout + out.stderr
+
+
+def _bwrap_cmd(cfg: dict, root: bool, tmp_mb: int = 512) -> tuple[list[str], dict]:
     paths = interpreter_paths()
-    cmd = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp"]
+    cmd = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--perms", "1777"]
+    if _bwrap_has_size():
+        cmd += ["--size", str(tmp_mb * 2**20)]
+    cmd += ["--tmpfs", "/tmp"]
     binds: list[str] = [p for p in paths if p.startswith("/tmp/")]
     covers: list[str] = ["/tmp"]
     if root:
@@ -327,7 +344,7 @@ def _bwrap_cmd(cfg: dict, root: bool) -> tuple[list[str], dict]:
     return cmd + ["--"] + _python_cmd(cfg), {"PATH": _ENV["PATH"]}
 
 
-def _unshare_cmd(cfg: dict, root: bool, workdir: str) -> tuple[list[str], dict]:
+def _unshare_cmd(cfg: dict, root: bool, workdir: str, tmp_mb: int = 512) -> tuple[list[str], dict]:
     cmd = [shutil.which("unshare") or "unshare", "--fork", "--pid", "--kill-child", "--mount-proc", "--mount", "--propagation", "private",
            "--net", "--ipc", "--uts"]
     covers, binds = ([], [])
@@ -337,7 +354,7 @@ def _unshare_cmd(cfg: dict, root: bool, workdir: str) -> tuple[list[str], dict]:
     else:
         cmd += ["--user", "--map-root-user"]
         cfg.update(drop_caps=True)
-    cfg.update(mounts=True, covers=covers, binds=binds, workdir=workdir)
+    cfg.update(mounts=True, covers=covers, binds=binds, workdir=workdir, tmp_bytes=tmp_mb * 2**20)
     return cmd + ["--"] + _python_cmd(cfg), dict(_ENV, HOME=workdir, TMPDIR=workdir)
 
 
@@ -393,9 +410,9 @@ def run_program(program: str, limits: Limits = Limits(), mode: str | None = None
     proc = None
     try:
         if mode == "bwrap":
-            cmd, env = _bwrap_cmd(cfg, root)
+            cmd, env = _bwrap_cmd(cfg, root, limits.tmp_mb)
         elif mode == "unshare":
-            cmd, env = _unshare_cmd(cfg, root, workdir)
+            cmd, env = _unshare_cmd(cfg, root, workdir, limits.tmp_mb)
         elif mode == "rlimits":
             cmd, env = _rlimits_cmd(cfg, root, workdir)
         else:

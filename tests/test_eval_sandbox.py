@@ -68,6 +68,9 @@ def test_hostile_programs_fail_in_time_and_leave_nothing(mode, tmp_path, monkeyp
                        Limits(timeout_s=8, memory_mb=256), "MemoryError"),
         "huge file": ("open('big.bin', 'wb').write(b'x' * (4 * 2**20))\n", Limits(timeout_s=5, file_size_mb=1),
                       "File too large"),
+        "fills the disk": ("for i in range(40):\n    open(f'f{i}.bin', 'wb').write(b'x' * (2**20 - 1))\n",
+                           Limits(timeout_s=8, file_size_mb=1, tmp_mb=16),
+                           "No space left" if mode == "unshare" or sandbox._bwrap_has_size() else ""),
         "writes outside": (
             "import os\nok = 0\n"
             f"for p in {[str(p) for p in escape_targets]!r}:\n"
