@@ -14,6 +14,12 @@ import torch
 
 from aropd.divergences import forward_kl
 
+BOUNDARY_TOL = 1e-6  # nats; see shortcut_events
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
 
 def nucleus_mask(student_logprobs: torch.Tensor, top_p: float = 0.9) -> torch.Tensor:
     """Boolean ``[..., V]``: the student's top-p nucleus, as top-p sampling keeps it.
@@ -23,7 +29,10 @@ def nucleus_mask(student_logprobs: torch.Tensor, top_p: float = 0.9) -> torch.Te
     """
     probs = student_logprobs.float().exp()
     sorted_p, order = probs.sort(-1, descending=True)
-    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    # Mass before each token as the exclusive running sum (not cumsum − p, whose rounding can slip a
+    # token whose mass-before equals top_p into the nucleus).
+    before = sorted_p.cumsum(-1)[..., :-1] < top_p
+    keep_sorted = torch.cat([torch.ones_like(before[..., :1]), before], -1)
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
@@ -41,10 +50,12 @@ def shortcut_events(
 ) -> torch.Tensor:
     """Boolean ``[...]``: the full view strongly endorses the sampled token and the partial view does not.
 
-    ``log q_F(y) − log q_P(y) ≥ delta`` and ``q_F(y) ≥ min_prob``.
+    ``log q_F(y) − log q_P(y) ≥ delta`` and ``q_F(y) ≥ min_prob``. Both thresholds are inclusive, up to
+    ``BOUNDARY_TOL`` nats: fp32 log-probs of probabilities exactly on a threshold (``q_F = 0.5``,
+    ``q_F / q_P = 20``) land within a few ulps of it on either side, and they count as on it.
     """
-    f, p = full_logprob_sampled.float(), partial_logprob_sampled.float()
-    return (f - p >= delta) & (f >= math.log(min_prob))
+    f, p = _at_least_fp32(full_logprob_sampled), _at_least_fp32(partial_logprob_sampled)
+    return (f - p >= delta - BOUNDARY_TOL) & (f >= math.log(min_prob) - BOUNDARY_TOL)
 
 
 def privileged_shift(full_logprobs: torch.Tensor, partial_logprobs: torch.Tensor) -> torch.Tensor:
@@ -76,22 +87,52 @@ def early_answer(completion: str, answer: str) -> bool:
     return m is not None and m.start() < len(completion) / 2
 
 
+def early_answer_rate(completions: list[str], answers: list[str]) -> tuple[int, int]:
+    """``(rollouts with an early answer, rollouts)`` over paired completions and gold answers."""
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    return sum(early_answer(c, a) for c, a in zip(completions, answers)), len(completions)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is set (over all dims); 0, not NaN, when nothing is."""
+    mask = mask.to(values.dtype) if values.is_floating_point() else mask.float()
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor, ties given their average rank (float64)."""
+    sorted_v, order = v.double().sort(stable=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg = ends - (counts.double() - 1) / 2  # mean of start+1 … end
+    ranks = torch.empty_like(sorted_v)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D samples (average ranks for ties); NaN when undefined."""
+    """Spearman rank correlation of two 1-D samples (average ranks for ties); NaN when undefined
+    (fewer than 2 points, or either sample constant)."""
+    x, y = x.flatten(), y.flatten()
+    if x.numel() != y.numel():
+        raise ValueError(f"samples differ in size: {x.numel()} vs {y.numel()}")
     if x.numel() < 2:
         return float("nan")
-
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        v = v.double()
-        r = torch.empty_like(v)
-        order = v.argsort()
-        r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
-        for val in v.unique():  # average ranks of ties
-            tie = v == val
-            r[tie] = r[tie].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
+    rx, ry = average_ranks(x), average_ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = (rx.square().sum() * ry.square().sum()).sqrt()
     return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def quartile_means(key: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` within each quartile of ``key`` (1-D, paired): ``[4]``, float64.
+
+    Quartiles by rank: samples sorted by ``key`` (stably, so ties keep their order) and split into four
+    groups whose sizes differ by at most one; needs at least 4 samples (else all NaN).
+    """
+    key, values = key.flatten(), values.flatten().double()
+    if key.numel() < 4:
+        return torch.full((4,), float("nan"), dtype=torch.float64, device=values.device)
+    order = key.double().sort(stable=True).indices
+    return torch.stack([g.mean() for g in values[order].tensor_split(4)])
