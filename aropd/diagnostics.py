@@ -55,7 +55,8 @@ def shortcut_events(
     ``q_F / q_P = 20``) land within a few ulps of it on either side, and they count as on it.
     """
     f, p = _at_least_fp32(full_logprob_sampled), _at_least_fp32(partial_logprob_sampled)
-    return (f - p >= delta - BOUNDARY_TOL) & (f >= math.log(min_prob) - BOUNDARY_TOL)
+    min_logprob = math.log(min_prob) if min_prob > 0 else -math.inf
+    return (f - p >= delta - BOUNDARY_TOL) & (f >= min_logprob - BOUNDARY_TOL)
 
 
 def privileged_shift(full_logprobs: torch.Tensor, partial_logprobs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,9 @@
+"""Reliability diagnostics as Lightning callbacks (``aropd.callbacks``): DESIGN.md §2, README
+"Reading the diagnostics". Turn them all on with ``--config configs/diagnostics.yaml``."""
+
+from .long_rollout import LongRolloutAccuracy
+from .reliability import TeacherReliability
+from .shortcut import ShortcutEvents
+from .support import SupportMismatch
+
+__all__ = ["LongRolloutAccuracy", "ShortcutEvents", "SupportMismatch", "TeacherReliability"]

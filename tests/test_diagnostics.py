@@ -83,6 +83,8 @@ def test_shortcut_events_custom_thresholds_elementwise():
     p = lp(0.3, 0.01, 0.6, 0.0)  # ratios 3, 30, 1, inf
     assert D.shortcut_events(f, p, delta=math.log(3), min_prob=0.3).tolist() == [True, True, False, True]
     assert D.shortcut_events(f, p).tolist() == [False, False, False, True]
+    # min_prob 0: any token whose ratio is high enough; q_F = q_P = 0 is NaN - NaN, not an event.
+    assert D.shortcut_events(lp(0.0, 0.01, 0.0), lp(0.0, 0.0001, 0.5), delta=0.0, min_prob=0.0).tolist() == [False, True, False]
     # float64 input is compared in float64.
     assert D.shortcut_events(f.double(), p.double(), delta=math.log(30), min_prob=0.3).tolist() == [False, True, False, True]
 

@@ -1,0 +1,95 @@
+"""``TeacherReliability``: full-view support mismatch vs. privileged-context length; belief shift; clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from aropd import diagnostics as D
+from aropd.loss import StepRecord
+
+from .base import DiagnosticCallback, accum_dtype, add_histogram, gather_across_ranks, log_scalars, sum_across_ranks
+
+
+class TeacherReliability(DiagnosticCallback):
+    """How reliable the full view is as the privileged context grows (DESIGN.md §2).
+
+    Per rollout: privileged length ``L`` (full-view prompt tokens minus student prompt tokens) and the
+    full view's support mismatch averaged over the rollout's completion tokens. Over the most recent
+    ``window`` rollouts (all ranks): ``diag/reliability/mismatch_ctx_q1`` … ``_q4`` (mean mismatch in
+    each quartile of ``L``, by rank, q1 the shortest contexts) and ``diag/reliability/spearman_ctx``
+    (Spearman ρ between ``L`` and the mismatch; left out while undefined, e.g. all ``L`` equal).
+    Over the steps since the last write (token means, all ranks): ``diag/privileged_shift``
+    (``KL(q_F ‖ q_P)``) and ``diag/residual_clip_frac`` (``q_F`` mass on clipped entries); and the
+    histogram ``hist/residual`` of the clipped residual ``clamp(ℓ_F − ℓ_P, ±c)`` at the sampled
+    tokens (rank zero's tokens, TensorBoard only). The quartile tags need the support mismatch
+    (``support_top_p`` set); the rest do not.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        enabled: bool = True,
+        window: int = 1024,
+        histogram: bool = True,
+        max_histogram_values: int = 65536,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: Write every this many optimizer steps.
+            enabled: Off: the callback does nothing.
+            window: Rollouts (most recent, all ranks) behind the quartiles and the correlation.
+            histogram: Also write ``hist/residual`` (TensorBoard only).
+            max_histogram_values: Cap on the residual values per histogram (the first ones of the interval).
+        """
+        super().__init__(every_n_steps, enabled)
+        if window < 4:
+            raise ValueError(f"window must be >= 4 rollouts, got {window}")
+        self.window, self.histogram, self.max_histogram_values = window, histogram, max_histogram_values
+        self._sums: torch.Tensor | None = None  # [3]: shift sum, clip-fraction sum, tokens
+        self._samples: list[torch.Tensor] = []  # [B, 3] per step: L, mean mismatch, has tokens
+        self._residuals: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._window = torch.zeros(0, 2, dtype=torch.float64)  # rank zero: (L, mismatch) of recent rollouts
+
+    def accumulate(self, trainer, pl_module, record: StepRecord) -> None:
+        mask = record.mask
+        sums = torch.stack([(record.shift * mask).sum(), (record.clip_frac * mask).sum(), mask.sum()])
+        sums = sums.to(accum_dtype(mask.device))
+        self._sums = sums if self._sums is None else self._sums + sums
+        if record.mismatch is not None:
+            tokens = mask.sum(-1)
+            mean_full = (record.mismatch[0] * mask).sum(-1) / tokens.clamp(min=1)
+            length = record.privileged_len.to(device=mask.device, dtype=mean_full.dtype)
+            self._samples.append(torch.stack([length, mean_full, (tokens > 0).to(mean_full.dtype)], -1))
+        if self.histogram:
+            self._residuals.append((record.residual, mask))
+
+    def write(self, trainer, pl_module, step: int) -> None:
+        metrics: dict[str, float] = {}
+        if self._sums is not None:
+            shift, clipped, tokens = sum_across_ranks(trainer, self._sums).tolist()
+            if tokens > 0:
+                metrics["diag/privileged_shift"] = shift / tokens
+                metrics["diag/residual_clip_frac"] = clipped / tokens
+            self._sums = None
+        if self._samples:
+            samples = gather_across_ranks(trainer, torch.cat(self._samples)).cpu().double()
+            self._samples = []
+            if trainer.is_global_zero:
+                samples = samples[samples[:, 2] > 0, :2]
+                self._window = torch.cat([self._window, samples])[-self.window :]
+        if trainer.is_global_zero and len(self._window) >= 4:
+            length, mismatch = self._window[:, 0], self._window[:, 1]
+            for q, value in enumerate(D.quartile_means(length, mismatch).tolist(), start=1):
+                metrics[f"diag/reliability/mismatch_ctx_q{q}"] = value
+            rho = D.spearman(length, mismatch)
+            if math.isfinite(rho):
+                metrics["diag/reliability/spearman_ctx"] = rho
+        log_scalars(trainer, metrics, step)
+        if self._residuals:
+            if trainer.is_global_zero:
+                values = torch.cat([r.flatten() for r, _ in self._residuals])
+                keep = torch.cat([m.flatten() for _, m in self._residuals]) > 0
+                add_histogram(trainer, "hist/residual", values[keep][: self.max_histogram_values], step)
+            self._residuals = []

@@ -1,0 +1,109 @@
+"""``SupportMismatch``: how much mass each view puts outside the student's top-p nucleus, by position."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from aropd.buckets import EDGES, bucket_index, bucket_names
+from aropd.loss import StepRecord
+
+from .base import DiagnosticCallback, accum_dtype, add_figure, log_scalars, sum_across_ranks
+
+VIEWS = ("full", "partial", "target")
+
+
+class SupportMismatch(DiagnosticCallback):
+    """Support mismatch of the full view, the partial view and the target (DESIGN.md §2).
+
+    Writes ``diag/support_mismatch/{full,partial,target}/pos_<lo>_<hi>`` (token mean within each
+    completion-position bucket that had tokens) and ``.../mean`` (over all completion tokens),
+    ``diag/support_gap/pos_<lo>_<hi>`` (full minus partial), and the figure
+    ``fig/support_mismatch_vs_position`` (one line per view, positions binned by ``bin_width``).
+    Needs ``model.init_args.support_top_p`` set (the module computes the mismatch in its loss pass);
+    with it null this callback warns once and writes nothing.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        enabled: bool = True,
+        figure: bool = True,
+        bin_width: int = 16,
+        max_position: int = 4096,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: Write every this many optimizer steps, averaging the tokens in between.
+            enabled: Off: the callback does nothing.
+            figure: Also write the figure (TensorBoard only).
+            bin_width: Positions per point of the figure.
+            max_position: Positions from here on share the figure's last point.
+        """
+        super().__init__(every_n_steps, enabled)
+        if bin_width < 1 or max_position < bin_width:
+            raise ValueError(f"need 1 <= bin_width <= max_position, got {bin_width}, {max_position}")
+        self.figure, self.bin_width = figure, bin_width
+        self.n_buckets = len(EDGES) - 1
+        self.n_bins = math.ceil(max_position / bin_width) + 1
+        self._acc: torch.Tensor | None = None  # [4, buckets + bins]: mismatch sums of 3 views, token counts
+        self._columns: torch.Tensor | None = None  # [2, L]: bucket and bin of positions 0..L-1
+        self._warned = False
+
+    def _column_index(self, length: int, device: torch.device) -> torch.Tensor:
+        """Accumulator columns ``[2·length]`` of positions 0..length-1: their bucket, then their figure bin."""
+        if self._columns is None or self._columns.shape[1] < length or self._columns.device != device:
+            pos = torch.arange(max(length, 1024))
+            bins = self.n_buckets + (pos // self.bin_width).clamp(max=self.n_bins - 1)
+            self._columns = torch.stack([bucket_index(pos), bins]).to(device)
+        return self._columns[:, :length].reshape(-1)
+
+    def accumulate(self, trainer, pl_module, record: StepRecord) -> None:
+        if record.mismatch is None:
+            if not self._warned:
+                rank_zero_warn("SupportMismatch: the model computes no support mismatch (support_top_p is null)")
+                self._warned = True
+            return
+        mask = record.mask
+        per_pos = torch.cat([(record.mismatch * mask).sum(1), mask.sum(0, keepdim=True)])  # [4, T]
+        if self._acc is None or self._acc.device != mask.device:
+            self._acc = torch.zeros(4, self.n_buckets + self.n_bins, dtype=accum_dtype(mask.device), device=mask.device)
+        cols = self._column_index(per_pos.shape[1], mask.device)
+        self._acc.index_add_(1, cols, torch.cat([per_pos, per_pos], 1).to(self._acc.dtype))
+
+    def write(self, trainer, pl_module, step: int) -> None:
+        if self._acc is None:
+            return
+        total = sum_across_ranks(trainer, self._acc).cpu().clone()  # a copy: the accumulator restarts
+        self._acc.zero_()
+        buckets, bins = total[:, : self.n_buckets], total[:, self.n_buckets :]
+        counts = buckets[3]
+        metrics: dict[str, float] = {}
+        names = bucket_names("pos")
+        for v, view in enumerate(VIEWS):
+            if counts.sum() > 0:
+                metrics[f"diag/support_mismatch/{view}/mean"] = float(buckets[v].sum() / counts.sum())
+            for k, name in enumerate(names):
+                if counts[k] > 0:
+                    metrics[f"diag/support_mismatch/{view}/{name}"] = float(buckets[v, k] / counts[k])
+        for k, name in enumerate(names):
+            if counts[k] > 0:
+                metrics[f"diag/support_gap/{name}"] = float((buckets[0, k] - buckets[1, k]) / counts[k])
+        log_scalars(trainer, metrics, step)
+        if self.figure and bins[3].sum() > 0:
+            add_figure(trainer, "fig/support_mismatch_vs_position", lambda fig: self._draw(fig, bins), step)
+
+    def _draw(self, fig, bins: torch.Tensor) -> None:
+        ax = fig.add_subplot()
+        seen = bins[3] > 0
+        x = (torch.arange(self.n_bins, dtype=torch.float64) * self.bin_width + self.bin_width / 2)[seen]
+        for v, view in enumerate(VIEWS):
+            ax.plot(x.numpy(), (bins[v][seen] / bins[3][seen]).numpy(), marker=".", label=view)
+        for edge in EDGES[1:-1]:
+            if edge <= float(x.max()):
+                ax.axvline(edge, color="0.85", lw=0.8, zorder=0)
+        ax.set(xlabel="completion position (tokens)", ylabel="support mismatch", ylim=(-0.02, 1.02),
+               title="mass outside the student's top-p nucleus")
+        ax.legend(loc="best")
