@@ -1,10 +1,11 @@
 """A seeded synthetic task whose worked solutions carry hindsight: numbered chains of arithmetic mod 100.
 
-A problem starts from a number and lists numbered operations; the worked solution restates each step
-with the running value and its result, and the answer is the last value::
+A problem starts from a two-digit number and lists numbered operations; the worked solution takes
+them in order, each step naming the operation, the running value and the result, and the answer is
+the last value::
 
     question:  Start at 98. Working mod 100, apply #1 -2, #2 *7, #3 +5. Result?
-    reasoning: #1 98-2=96. #2 96*7=72. #3 72+5=77.
+    reasoning: #1 -2 on 98=96. #2 *7 on 96=72. #3 +5 on 72=77.
     answer:    77
 
 Why privilege matters here. Every value depends on all earlier ones, so a student must compute the
@@ -18,12 +19,14 @@ no longer follow from the student's own prefix: a hindsight shortcut.
 Design choices:
 
 * Step labels ``#i`` make "which operation comes next" an exact lookup, so long chains stay
-  well-posed for a small model (an unlabelled list with repeated operations is ambiguous).
+  well-posed for a small model (an unlabelled list with repeated operations is ambiguous). The
+  operation follows the label and is written as in the question (`` -2``), so it is one copy.
+* Values are always two digits (``07``), answer included, so every step has the same layout.
 * ``*`` only multiplies by 3, 7 or 9, units mod 100, so every operation is a bijection mod 100:
   values (and answers) stay uniform on 0..99 instead of collapsing onto multiples of 10 or 0,
   and an answer cannot be guessed from the operations without doing the chain.
-* Length is set by the number of steps: about 12 tokens of reasoning per step with a digit-level
-  tokenizer (``approx_response_tokens``), from ~30 tokens (2 steps) to ~1,000 (80 steps).
+* Length is set by the number of steps: about 13 tokens of reasoning per step with a digit-level
+  tokenizer (``approx_response_tokens``), from ~37 tokens (2 steps) to ~1,000 (76 steps).
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ OPERANDS: dict[str, tuple[int, ...]] = {
     "*": (3, 7, 9),  # units mod 100: multiplication stays a bijection
 }
 # Rough response length (tokens, digit-level tokenizer): trace tags + answer + EOS, plus per step.
-_TOKENS_BASE, _TOKENS_PER_STEP = 10, 12.0
+_TOKENS_BASE, _TOKENS_PER_STEP = 11, 13.0
 
-_STEP = re.compile(r"#(\d+) (\d+)([-+*])(\d+)=(\d+)\.")
-_QUESTION = re.compile(r"Start at (\d+)\. Working mod (\d+), apply (.*)\. Result\?")
+_STEP = re.compile(r"#(\d+) ([-+*])(\d+) on (\d\d)=(\d\d)\.")
+_QUESTION = re.compile(r"Start at (\d\d)\. Working mod (\d+), apply (.*)\. Result\?")
 
 
 def apply_op(value: int, op: str, k: int, mod: int = MOD) -> int:
@@ -67,16 +70,16 @@ def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = ("+", "-
         op = rng.choice(ops)
         chain.append((op, rng.choice(OPERANDS[op])))
     question = (
-        f"Start at {value}. Working mod {MOD}, apply "
+        f"Start at {value:02d}. Working mod {MOD}, apply "
         + ", ".join(f"#{i} {o}{k}" for i, (o, k) in enumerate(chain, 1))
         + ". Result?"
     )
     lines = []
     for i, (o, k) in enumerate(chain, 1):
         new = apply_op(value, o, k)
-        lines.append(f"#{i} {value}{o}{k}={new}.")
+        lines.append(f"#{i} {o}{k} on {value:02d}={new:02d}.")
         value = new
-    return {"question": question, "reasoning": " ".join(lines), "answer": str(value)}
+    return {"question": question, "reasoning": " ".join(lines), "answer": f"{value:02d}"}
 
 
 def parse_question(question: str) -> tuple[int, list[tuple[str, int]]]:
@@ -106,16 +109,16 @@ def check_reasoning(problem: dict[str, str]) -> list[str]:
     value, chain = parse_question(problem["question"])
     steps = _STEP.findall(problem["reasoning"])
     errors = []
-    if " ".join(f"#{i} {a}{o}{k}={b}." for i, a, o, k, b in steps) != problem["reasoning"]:
-        errors.append("reasoning is not a sequence of '#i a<op>k=b.' steps")
+    if " ".join(f"#{i} {o}{k} on {a}={b}." for i, o, k, a, b in steps) != problem["reasoning"]:
+        errors.append("reasoning is not a sequence of '#i <op>k on aa=bb.' steps")
     if len(steps) != len(chain):
         errors.append(f"{len(steps)} steps in the reasoning, {len(chain)} in the question")
-    for n, ((i, a, o, k, b), (op, kk)) in enumerate(zip(steps, chain), 1):
+    for n, ((i, o, k, a, b), (op, kk)) in enumerate(zip(steps, chain), 1):
         if int(i) != n or int(a) != value or (o, int(k)) != (op, kk) or int(b) != apply_op(value, op, kk):
-            errors.append(f"step {n} is wrong: #{i} {a}{o}{k}={b}.")
+            errors.append(f"step {n} is wrong: #{i} {o}{k} on {a}={b}.")
         value = apply_op(value, op, kk)
-    if problem["answer"] != str(value):
-        errors.append(f"answer {problem['answer']!r} != {value}")
+    if problem["answer"] != f"{value:02d}":
+        errors.append(f"answer {problem['answer']!r} != {value:02d}")
     return errors
 
 
@@ -136,7 +139,7 @@ def make_split(
     max_steps: int = 8,
     exclude: set[str] | None = None,
     long_frac: float = 0.0,
-    long_steps: tuple[int, int] = (24, 80),
+    long_steps: tuple[int, int] = (20, 76),
     ops: tuple[str, ...] = ("+", "-", "*"),
 ) -> list[dict[str, str]]:
     """``n`` distinct problems (no question repeated, none in ``exclude``).

@@ -29,8 +29,14 @@ ASSETS = Path(__file__).resolve().parents[1] / "aropd" / "assets" / "toy"
 # Worked by hand: 98-2=96; 96*7=672 -> 72; 72+5=77; 77-9=68.
 HAND = {
     "question": "Start at 98. Working mod 100, apply #1 -2, #2 *7, #3 +5, #4 -9. Result?",
-    "reasoning": "#1 98-2=96. #2 96*7=72. #3 72+5=77. #4 77-9=68.",
+    "reasoning": "#1 -2 on 98=96. #2 *7 on 96=72. #3 +5 on 72=77. #4 -9 on 77=68.",
     "answer": "68",
+}
+# Two-digit values throughout: 03+9=12; 12*9=108 -> 08; 08-9=-1 -> 99.
+HAND_PADDED = {
+    "question": "Start at 03. Working mod 100, apply #1 +9, #2 *9, #3 -9. Result?",
+    "reasoning": "#1 +9 on 03=12. #2 *9 on 12=08. #3 -9 on 08=99.",
+    "answer": "99",
 }
 
 
@@ -51,19 +57,24 @@ def test_every_operation_is_a_bijection_mod_100():
             assert sorted(apply_op(v, op, k) for v in range(MOD)) == list(range(MOD)), (op, k)
 
 
-def test_hand_problem_checks_and_solves():
+def test_hand_problems_check_and_solve():
     assert solve(HAND["question"]) == 68
     assert parse_question(HAND["question"]) == (98, [("-", 2), ("*", 7), ("+", 5), ("-", 9)])
     assert check_reasoning(HAND) == []
+    assert solve(HAND_PADDED["question"]) == 99
+    assert check_reasoning(HAND_PADDED) == []
+    assert check_reasoning({**HAND_PADDED, "reasoning": HAND_PADDED["reasoning"].replace("=08", "=8")})
 
 
 @pytest.mark.parametrize(
     "field, value, complaint",
     [
         ("answer", "67", "answer"),
-        ("reasoning", "#1 98-2=96. #2 96*7=73. #3 73+5=78. #4 78-9=69.", "step 2"),  # one slip, carried on
-        ("reasoning", "#1 98-2=96. #2 96*7=72. #3 72+5=77.", "3 steps"),
-        ("reasoning", "#1 98-2=96. #3 96*7=72. #2 72+5=77. #4 77-9=68.", "step 2"),
+        ("reasoning", "#1 -2 on 98=96. #2 *7 on 96=73. #3 +5 on 73=78. #4 -9 on 78=69.", "step 2"),  # a slip
+        ("reasoning", "#1 -2 on 98=96. #2 *7 on 96=72. #3 +5 on 72=77.", "3 steps"),
+        ("reasoning", "#1 -2 on 98=96. #3 *7 on 96=72. #2 +5 on 72=77. #4 -9 on 77=68.", "step 2"),
+        ("reasoning", "#1 -2 on 98=96. #2 +7 on 96=03. #3 +5 on 03=08. #4 -9 on 08=99.", "step 2"),  # wrong op
+        ("answer", "99", "answer"),
     ],
 )
 def test_check_reasoning_catches_wrong_solutions(field, value, complaint):
@@ -78,7 +89,7 @@ def test_generated_reasoning_recomputes_to_the_answer():
         assert check_reasoning(p) == [], p
         assert solve(p["question"]) == int(p["answer"])
         assert p["reasoning"].count("#") == steps
-        assert p["reasoning"].endswith(f"={p['answer']}.")
+        assert p["reasoning"].endswith(f"={p['answer']}.") and len(p["answer"]) == 2
 
 
 def test_determinism_by_seed(tmp_path):
@@ -91,7 +102,7 @@ def test_determinism_by_seed(tmp_path):
     # Fixed value for seed 0 (a change here changes every committed split: regenerate them).
     assert make_problem(random.Random(0), 3) == {
         "question": "Start at 49. Working mod 100, apply #1 -1, #2 -9, #3 -7. Result?",
-        "reasoning": "#1 49-1=48. #2 48-9=39. #3 39-7=32.",
+        "reasoning": "#1 -1 on 49=48. #2 -9 on 48=39. #3 -7 on 39=32.",
         "answer": "32",
     }
 
@@ -120,23 +131,24 @@ def test_length_knob_is_monotone():
         lengths.append(statistics.mean(len(r["reasoning"]) for r in rows))
     assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)
     assert [approx_response_tokens(s) for s in range(1, 100)] == sorted(approx_response_tokens(s) for s in range(1, 100))
-    assert steps_for_tokens(1000) >= 80  # the knob reaches ~1,000-token traces
-    for s in (2, 8, 40, 80):
+    assert approx_response_tokens(76) == 999  # the knob reaches ~1,000-token traces
+    assert steps_for_tokens(1000) == 76
+    for s in (2, 8, 40, 76):
         assert steps_for_tokens(approx_response_tokens(s)) == s
 
 
 def test_long_fraction_of_a_split():
-    rows = make_split(80, seed=2, min_steps=2, max_steps=8, long_frac=0.125, long_steps=(22, 80))
+    rows = make_split(80, seed=2, min_steps=2, max_steps=8, long_frac=0.125, long_steps=(20, 76))
     steps = [r["reasoning"].count("#") for r in rows]
-    assert sum(s >= 22 for s in steps) == 10
-    assert all(2 <= s <= 8 or 22 <= s <= 80 for s in steps)
+    assert sum(s >= 20 for s in steps) == 10
+    assert all(2 <= s <= 8 or 20 <= s <= 76 for s in steps)
 
 
 def test_partial_view_hides_the_late_values():
     # The privileged gap: the half view keeps the early steps and drops the late results.
     kept = partial_view(HAND["reasoning"], 0.5)
-    assert kept.startswith("#1 98-2=96. #2 96*7=72.")
-    assert "77-9=68" not in kept and "=77" not in kept
+    assert kept.startswith("#1 -2 on 98=96. #2 *7 on 96=72.")
+    assert "=68" not in kept and "=77" not in kept
 
 
 def test_committed_splits():
