@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from aropd.checkpointing import ResumableCheckpoint
 from aropd.data import PrivilegedDataModule
 from aropd.module import PrivilegedDistillation
 
@@ -20,9 +22,22 @@ class AropdCLI(LightningCLI):
         parser.link_arguments("model.init_args.student", "data.init_args.tokenizer")
         parser.link_arguments("model.init_args.sampling.max_new_tokens", "data.init_args.max_new_tokens")
 
+    def instantiate_trainer(self, **kwargs):
+        # `--ckpt_path last` needs last.ckpt in a folder that outlives the logger version: unless the
+        # config names a ModelCheckpoint, Lightning's default one becomes aropd's ResumableCheckpoint
+        # (<default_root_dir>/checkpoints/last.ckpt, written atomically).
+        configured = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
+        trainer = super().instantiate_trainer(**kwargs)  # (Lightning extends that config list in place)
+        if not any(isinstance(c, ModelCheckpoint) for c in configured):
+            trainer.callbacks[:] = [
+                ResumableCheckpoint() if type(c) is ModelCheckpoint else c for c in trainer.callbacks
+            ]
+        return trainer
+
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective under distributed strategies: every rank asks
         if self.trainer.is_global_zero:
-            print(f"TensorBoard logs: {self.trainer.log_dir}  (tensorboard --logdir {self.trainer.log_dir})")
+            print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
 
 
 def main(args: list[str] | None = None) -> AropdCLI:

@@ -16,8 +16,9 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from aropd.checkpointing import ResumableDataLoader
 from aropd.views import PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
 
 log = logging.getLogger(__name__)
@@ -264,16 +265,26 @@ class PrivilegedDataModule(L.LightningDataModule):
         return examples
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
+        # Resumable mid-epoch: the loader's position is saved in the checkpoint (aropd/checkpointing.py).
+        return ResumableDataLoader(
             self.train_examples,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
-            generator=g,
+            sampler=self.train_sampler(),
             drop_last=len(self.train_examples) >= self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             collate_fn=functools.partial(collate_privileged, pad_id=self.tokenizer.pad_token_id),
         )
+
+    def train_sampler(self) -> DistributedSampler:
+        """The training order: one permutation per (seed, epoch), interleaved across data-parallel ranks.
+
+        Rank r of W takes every W-th example from position r, so at step k the W ranks' batches of b
+        hold exactly the examples of one process's batch of W·b. Lightning leaves a
+        ``DistributedSampler`` as it is and sets its epoch.
+        """
+        shard = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        shard = shard or {"num_replicas": 1, "rank": 0}
+        return DistributedSampler(self.train_examples, shuffle=True, seed=self.hparams.seed, **shard)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [

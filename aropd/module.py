@@ -113,6 +113,11 @@ class PrivilegedDistillation(L.LightningModule):
         if self.method != "sft":
             self.teacher_model = self.teacher.build(self.student, self.tokenizer)
         self.eos_ids = eos_ids_of(self.student, self.tokenizer)
+        # Under a ModelParallelStrategy: FSDP2 on the student and the teacher, each its own tree
+        # (after the teacher was copied from the unsharded student). See aropd/sharding.py.
+        from aropd.sharding import shard_module
+
+        shard_module(self)
 
     def target_fn(self, full_lp: torch.Tensor, partial_lp: torch.Tensor) -> torch.Tensor:
         return anchored_residual_target(full_lp, partial_lp, self.lam, self.clip)
