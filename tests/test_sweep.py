@@ -1,0 +1,214 @@
+"""scripts/sweep.py: a grid of runs named after their overrides, finished runs skipped, SLURM job
+scripts, and the results table."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import sweep  # noqa: E402
+
+RUNS = ["lam=0.6_partial_ratio=0.25", "lam=0.6_partial_ratio=0.75",
+        "lam=1.2_partial_ratio=0.25", "lam=1.2_partial_ratio=0.75"]
+
+
+def test_grid_values_split_on_top_level_commas_only():
+    assert sweep.split_values("0.4,0.6, 1.0") == ["0.4", "0.6", "1.0"]
+    assert sweep.split_values("[a.jsonl,b.jsonl],[c.jsonl]") == ["[a.jsonl,b.jsonl]", "[c.jsonl]"]
+    assert sweep.split_values('{name: toy, limit: 4},"x,y"') == ["{name: toy, limit: 4}", '"x,y"']
+    with pytest.raises(sweep.SweepError):
+        sweep.split_values("0.4,,0.6")
+
+
+def test_run_names_use_the_shortest_distinct_key_suffix():
+    assert sweep.short_names(["model.init_args.lam", "data.init_args.partial_ratio"]) == {
+        "model.init_args.lam": "lam", "data.init_args.partial_ratio": "partial_ratio"}
+    assert sweep.short_names(["model.init_args.seed", "data.init_args.seed"]) == {
+        "model.init_args.seed": "model.init_args.seed", "data.init_args.seed": "data.init_args.seed"}
+    names = [n for n, _ in sweep.expand([("model.init_args.lam", ["0.6", "1.2"]),
+                                         ("data.init_args.partial_ratio", ["0.25", "0.75"])])]
+    assert names == RUNS
+    assert sweep.expand([("data.init_args.train", ["[data/a b.jsonl]"])])[0][0] == "train=data-a-b.jsonl"
+    assert sweep.expand([])[0][0] == "base"
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    assert sweep.main(["--name", "x", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    base = str(ROOT / "configs/quickstart.yaml")
+    assert sweep.main(["--name", "x", "--config", base, "--grid", "lam"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert sweep.main(["--name", "x", "--config", base, "--grid", "a.b=1", "--set", "a.b=2"]) == 2
+    assert sweep.main(["--name", "x", "--config", base, "--grid", "model.init_args.no_such_arg=1", "--dry-run"]) == 2
+    assert "does not parse" in capsys.readouterr().err
+
+
+def tiny_sweep(tmp_path: Path, *extra: str) -> list[str]:
+    train = tmp_path / "train.jsonl"
+    if not train.exists():
+        train.write_text("".join((ROOT / "aropd/assets/toy/train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    return [
+        "--name", "grid", "--root", str(tmp_path / "runs"), "--config", str(ROOT / "configs/quickstart.yaml"),
+        "--grid", "model.init_args.lam=0.6,1.2", "--grid", "data.init_args.partial_ratio=0.25,0.75",
+        "--set", "trainer.max_steps=2", "--set", "trainer.val_check_interval=2", "--set", "trainer.callbacks=[]",
+        "--set", "trainer.enable_progress_bar=false", "--set", "trainer.enable_model_summary=false",
+        "--set", f"data.init_args.train=[{train}]", "--set", "data.init_args.batch_size=4",
+        "--set", "model.init_args.sampling.max_new_tokens=8", "--set", "model.init_args.val_max_new_tokens=4",
+        "--set", "data.init_args.val_benchmarks=[{name: toy, limit: 4}]", *extra,
+    ]
+
+
+def snapshot(sweep_dir: Path) -> dict[str, float]:
+    return {str(p.relative_to(sweep_dir)): p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_two_by_two_grid_runs_skips_finished_runs_and_tabulates(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    sweep_dir = tmp_path / "runs" / "grid"
+    assert sweep.main(tiny_sweep(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == RUNS
+    for name in RUNS:
+        run = sweep_dir / name
+        cfg = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config, saved by LightningCLI
+        lam, rho = re.fullmatch(r"lam=(.*)_partial_ratio=(.*)", name).groups()
+        assert cfg["model"]["init_args"]["lam"] == float(lam)
+        assert cfg["data"]["init_args"]["partial_ratio"] == float(rho)
+        assert cfg["trainer"]["max_steps"] == 2
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+        assert list((run / "checkpoints").glob("*.ckpt"))
+        assert (run / "val" / "step_2" / "results.json").is_file()
+        done, record = json.loads((run / "DONE").read_text()), json.loads((run / "run.json").read_text())
+        assert done["config_hash"] == record["config_hash"] and len(done["config_hash"]) == 64
+        assert record["overrides"] == {"model.init_args.lam": lam, "data.init_args.partial_ratio": rho}
+        assert f"[{RUNS.index(name) + 1}/4] {name}: finished in" in out
+    table = (sweep_dir / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| lam=")]
+    assert [r.split(" | ")[0].removeprefix("| ") for r in rows] == RUNS
+    assert "Toy" in table.splitlines()[0]
+
+    # Again: every run is finished, nothing runs (no file below the sweep changes but the table).
+    before = snapshot(sweep_dir)
+    assert sweep.main(tiny_sweep(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 4 and "running" not in out
+    after = snapshot(sweep_dir)
+    assert {k: v for k, v in after.items() if k != "table.md"} == {k: v for k, v in before.items() if k != "table.md"}
+    assert (sweep_dir / "table.md").read_text() == table
+    assert sweep.main(tiny_sweep(tmp_path, "--table-only")) == 0
+    assert capsys.readouterr().out.count("| lam=") == 4
+
+    # A changed config makes the finished runs stale: reported and skipped, not silently rerun or reused.
+    assert sweep.main(tiny_sweep(tmp_path, "--set", "trainer.max_steps=3")) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("STALE") == 4 and "running" not in captured.out
+    assert snapshot(sweep_dir).keys() == after.keys()
+
+
+def test_slurm_scripts_pass_bash_n_and_write_done_on_success(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text('#!/bin/sh\necho "srun $*" >> "$SRUN_LOG"\n')
+    (fake_bin / "sbatch").write_text('#!/bin/sh\necho "$1" >> "$SBATCH_LOG"\necho "Submitted batch job 42"\n')
+    for f in fake_bin.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_LOG", str(tmp_path / "sbatch.log"))
+    args = tiny_sweep(tmp_path, "--slurm", "--submit", "--nodes", "2", "--gpus-per-node", "4", "--time", "02:00:00",
+                      "--partition", "gpu", "--account", "proj", "--setup", "source .venv/bin/activate",
+                      "--sbatch=--qos=high")
+    assert sweep.main(args) == 0
+    sweep_dir = tmp_path / "runs" / "grid"
+    scripts = sorted(sweep_dir.glob("*/job.sbatch"))
+    assert [s.parent.name for s in scripts] == RUNS
+    assert (tmp_path / "sbatch.log").read_text().split() == [str(s) for s in scripts]
+    for s in scripts:
+        assert subprocess.run(["bash", "-n", str(s)], capture_output=True).returncode == 0, s
+        text = s.read_text()
+        for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                     "#SBATCH --time=02:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                     "#SBATCH --qos=high", "source .venv/bin/activate"):
+            assert line in text.splitlines(), line
+        assert "--trainer.num_nodes 2 --trainer.devices 4" in text and "--ckpt_path last" in text
+        assert not (s.parent / "DONE").exists()
+    # Run one job script with a stand-in srun: it runs `aropd fit` through srun, then writes DONE.
+    run = scripts[0].parent
+    env = {**os.environ, "SRUN_LOG": str(tmp_path / "srun.log"), "SLURM_JOB_ID": "42"}
+    proc = subprocess.run(["bash", str(scripts[0])], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert re.match(r"srun \S+ -m aropd fit --config ", (tmp_path / "srun.log").read_text())
+    done = json.loads((run / "DONE").read_text())
+    assert done["config_hash"] == json.loads((run / "run.json").read_text())["config_hash"]
+    assert done["slurm_job_id"] == "42" and done["finished_at"]
+    # The sweep now sees that run as finished and writes (and submits) scripts only for the others.
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{run.name}: finished, skipped" in out and out.count("wrote") == 3
+
+
+def test_dry_run_lists_commands_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert sweep.main(tiny_sweep(tmp_path, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert out.count(": pending") == 4 and out.count(" -m aropd fit ") == 4
+    assert "--model.init_args.lam 1.2 --data.init_args.partial_ratio 0.75" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_sweeps_are_valid_bash():
+    scripts = sorted((ROOT / "configs" / "sweeps").glob("*.sh"))
+    assert {s.name for s in scripts} == {"lambda.sh", "partial_rate.sh"}
+    for s in scripts:
+        assert subprocess.run(["bash", "-n", str(s)]).returncode == 0
+
+
+def sweep_args(script: Path) -> list[str]:
+    """The scripts/sweep.py arguments a shipped sweep passes (its ``"$@"`` dropped)."""
+    text = script.read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("exec "))
+    args = shlex.split(line.split("scripts/sweep.py", 1)[1])
+    assert args[-1] == "$@"
+    return args[:-1]
+
+
+@pytest.mark.parametrize("script, runs", [
+    ("lambda.sh", ["lam=0.4", "lam=0.6", "lam=0.8", "lam=1.0", "lam=1.2", "lam=1.4"]),
+    ("partial_rate.sh", ["partial_ratio=0.25", "partial_ratio=0.5", "partial_ratio=0.75"]),
+])
+def test_shipped_sweeps_resolve_every_run(script, runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    path = ROOT / "configs" / "sweeps" / script
+    assert sweep.main([*sweep_args(path), "--dry-run", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"\] (\S+): pending", out) == runs
+    assert "--config configs/recipes/math/ar_opd_lam0.8.yaml" in out
+    # The wrapper itself runs (from any folder) and hands its arguments on.
+    proc = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0 and "usage: sweep.py" in proc.stdout, proc.stderr
+
+
+def test_force_moves_a_stale_run_aside_and_starts_it_afresh(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "runs" / "grid" / RUNS[0]
+    run.mkdir(parents=True)
+    (run / "DONE").write_text(json.dumps({"config_hash": "0" * 64}) + "\n")  # finished under another config
+    (run / "fit.log").write_text("old\n")
+    assert sweep.main(tiny_sweep(tmp_path, "--slurm")) == 0
+    assert "STALE" in capsys.readouterr().err and (run / "DONE").exists()
+    assert not (run / "job.sbatch").exists()
+    assert sweep.main(tiny_sweep(tmp_path, "--slurm", "--force")) == 0
+    aside = list(run.parent.glob(f"{RUNS[0]}.stale-*"))
+    assert len(aside) == 1 and (aside[0] / "fit.log").read_text() == "old\n"
+    assert (run / "job.sbatch").exists() and not (run / "DONE").exists()
