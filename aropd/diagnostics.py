@@ -21,24 +21,53 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _sorted_descending(probs: torch.Tensor) -> torch.Tensor:
+    """The values of ``probs`` sorted in descending order along the last dim (no indices).
+
+    On CPU, NumPy's value-only sort (SIMD) is ~30x faster than ``torch.sort``, which always builds
+    the index tensor too; elsewhere ``torch.sort``. Both give the same values.
+    """
+    if probs.device.type == "cpu" and probs.dtype in (torch.float32, torch.float64) and probs.numel():
+        import numpy as np
+
+        return torch.from_numpy(np.ascontiguousarray(np.sort(probs.detach().numpy(), axis=-1)[..., ::-1]))
+    return probs.sort(-1, descending=True).values
+
+
 def nucleus_mask(student_logprobs: torch.Tensor, top_p: float = 0.9) -> torch.Tensor:
     """Boolean ``[..., V]``: the student's top-p nucleus, as top-p sampling keeps it.
 
     Tokens are taken in order of probability while the mass before each is below ``top_p``, so the
-    token that crosses ``top_p`` is in (and the most likely token always is).
+    token that crosses ``top_p`` is in (and the most likely token always is). Tokens of equal
+    probability are taken in vocabulary order (top-p sampling's own order among ties is arbitrary).
+
+    Computed as a threshold: the nucleus size ``n`` comes from the sorted probabilities, then a token
+    is in if its probability is above the ``n``-th largest ``τ``, or equal to it and among the first
+    ``n − #{p > τ}`` such tokens — the same set as scattering a sorted mask back, without the indices.
     """
     probs = student_logprobs.float().exp()
-    sorted_p, order = probs.sort(-1, descending=True)
+    if probs.shape[-1] == 0:
+        return torch.zeros_like(probs, dtype=torch.bool)
+    sorted_p = _sorted_descending(probs).to(probs.device)
     # Mass before each token as the exclusive running sum (not cumsum − p, whose rounding can slip a
     # token whose mass-before equals top_p into the nucleus).
     before = sorted_p.cumsum(-1)[..., :-1] < top_p
-    keep_sorted = torch.cat([torch.ones_like(before[..., :1]), before], -1)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    n = 1 + before.sum(-1, keepdim=True)  # the kept tokens form a prefix of the sorted order
+    tau = sorted_p.gather(-1, n - 1)
+    above = probs > tau
+    tied = probs == tau
+    need = n - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= need))
 
 
 def support_mismatch(view_logprobs: torch.Tensor, student_logprobs: torch.Tensor, top_p: float = 0.9) -> torch.Tensor:
     """Mass the view puts outside the student's top-p nucleus: ``1 − Σ_{v∈N} q(v)``, ``[...]`` in [0, 1]."""
-    inside = (view_logprobs.float().exp() * nucleus_mask(student_logprobs, top_p)).sum(-1)
+    return mass_outside(view_logprobs, nucleus_mask(student_logprobs, top_p))
+
+
+def mass_outside(view_logprobs: torch.Tensor, nucleus: torch.Tensor) -> torch.Tensor:
+    """``1 − Σ_{v∈N} q(v)`` for a given boolean nucleus ``[..., V]`` (broadcast), clamped to [0, 1]."""
+    inside = (view_logprobs.float().exp() * nucleus).sum(-1)
     return (1.0 - inside).clamp(0.0, 1.0)
 
 

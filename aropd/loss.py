@@ -173,7 +173,8 @@ def _record_chunk(out, s_lp, f_lp, p_lp, t_lp, y, clip, top_p) -> None:
         "clip_frac": D.residual_clip_fraction(f_lp, p_lp, clip),
         "residual": _gather(residual, y).nan_to_num(0.0),
     }
-    if top_p is not None:  # one nucleus (one sort) serves all three views by broadcasting
-        rows["mismatch"] = D.support_mismatch(torch.stack([f_lp, p_lp, t_lp]), s_lp, top_p)
+    if top_p is not None:  # one nucleus (one sort) serves all three views
+        nucleus = D.nucleus_mask(s_lp, top_p)
+        rows["mismatch"] = torch.stack([D.mass_outside(lp, nucleus) for lp in (f_lp, p_lp, t_lp)])
     for k, v in rows.items():
         out.setdefault(k, []).append(v)

@@ -96,8 +96,8 @@ def add_figure(trainer: L.Trainer, tag: str, draw: Callable[[Any], None], step: 
     fig = Figure(figsize=size, dpi=100)
     try:
         canvas = FigureCanvasAgg(fig)
+        fig.subplots_adjust(left=0.11, right=0.97, bottom=0.13, top=0.91)  # fixed: tight_layout costs ~25 %
         draw(fig)
-        fig.tight_layout()
         canvas.draw()
         image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     finally:

@@ -67,7 +67,7 @@ class LongRolloutAccuracy(L.Callback):
         ax.set_xticks(x, [_label(lo, hi) for lo, hi in zip(EDGES[:-1], EDGES[1:])])
         ax.set(xlabel="response length (tokens)", ylabel="accuracy", ylim=(-0.05, 1.1), xlim=(-0.4, len(x) - 0.6),
                title="validation accuracy by response length")
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
 
 
 

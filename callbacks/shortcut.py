@@ -63,7 +63,7 @@ class ShortcutEvents(DiagnosticCallback):
         if not self.early_answer or tokenizer is None or not record.answers:
             return 0, 0
         lengths = record.mask.sum(-1).long().tolist()
-        ids = record.completion_ids.cpu()
+        ids = record.completion_ids.tolist()  # lists: tensor rows cost the tokenizer a conversion per id
         texts = tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True)
         return D.early_answer_rate(texts, list(record.answers))
 
