@@ -2,6 +2,8 @@
 
     python scripts/bench_step.py [--steps 12] [--warmup 2] [--methods ar_opd full_opd partial_opd sft]
     python scripts/bench_step.py --diagnostics [--repeats 3]    # diagnostics overhead (ar_opd)
+    python scripts/bench_step.py --processes 1 2                # FSDP2 over gloo: tokens/s, peak RSS per process
+    python scripts/bench_step.py --loss-memory                  # chunked vs. unchunked loss at a 150k vocabulary
 
 Each method runs in its own process (so peak RSS is its own) on the quickstart's tiny model.
 Figures are medians over the measured steps; the machine is shared, so compare ratios in one run.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -127,9 +130,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a busy machine)")
     p.add_argument("--figure-every", type=int, default=None,
                    help="with --diagnostics: the support-mismatch figure's interval (default: the YAML's)")
+    p.add_argument("--processes", type=int, nargs="+", default=None,
+                   help="tokens/s and peak memory of ar_opd under FSDP2 with these process counts (e.g. 1 2); see scale()")
+    p.add_argument("--global-batch", type=int, default=8, help="with --processes: prompts per step over all ranks")
+    p.add_argument("--threads-per-process", type=int, default=1,
+                   help="with --processes: torch threads per rank (more than the free cores stalls OpenMP)")
+    p.add_argument("--loss-memory", action="store_true",
+                   help="peak memory of the chunked vs. unchunked loss at a 150k vocabulary; see loss_memory()")
+    p.add_argument("--_scale_child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_loss_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_diag", default=None, choices=["on", "off"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a._scale_child is not None:  # one process count's run (Lightning re-runs this command for each rank)
+        run_scale(a._scale_child, a.steps, a.warmup, a.threads_per_process, a.global_batch)
+        return []
+    if a._loss_child is not None:
+        print("RESULT " + json.dumps(run_loss_memory(**json.loads(a._loss_child))))
+        return []
+    if a.processes:
+        return scale(a.processes, a.steps, a.warmup, a.threads_per_process, a.global_batch)
+    if a.loss_memory:
+        return loss_memory()
     if a._child:
         extra = [a.model_args] if a.model_args else []
         print("RESULT " + json.dumps(run_one(a._child, a.steps, a.warmup, extra, a._diag, a.threads, a.figure_every)))
@@ -176,6 +198,164 @@ def diagnostics_overhead(runs: list[dict]) -> list[dict]:
     print(f"overhead: step time on/off = {ratio:.3f} ({100 * (ratio - 1):+.1f} %), "
           f"CPU time on/off = {cpu_ratio:.3f} ({100 * (cpu_ratio - 1):+.1f} %)  [budget: +10 %]")
     return [{"off_s": wall["off"], "on_s": wall["on"], "ratio": ratio, "cpu_ratio": cpu_ratio, "runs": runs}]
+
+
+# ---- scale: 1 vs. N processes, and the memory-bounded loss ---------------------------------------
+def run_scale(processes: int, steps: int, warmup: int, threads: int, global_batch: int) -> None:
+    """ar_opd under ``FSDP2Strategy`` on ``processes`` CPU processes (gloo), the global batch split over
+    them, ``threads`` torch threads each; each rank prints its step times, tokens and peak RSS."""
+    import lightning as L
+    import torch
+
+    from aropd.data import PrivilegedDataModule
+    from aropd.module import PrivilegedDistillation
+    from aropd.rollout import SamplingConfig
+    from aropd.sharding import FSDP2Strategy
+
+    torch.set_num_threads(threads)
+    L.seed_everything(0)
+    step_times, tokens = [], []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, *a):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step_times.append(time.perf_counter() - self.t0)
+            tokens.append(float(outputs["record"].mask.sum()))
+
+    tiny = str(ROOT / "aropd/assets/tiny-llama")
+    model = PrivilegedDistillation(student=tiny, sampling=SamplingConfig(max_new_tokens=64))
+    data = PrivilegedDataModule(tokenizer=tiny, batch_size=global_batch // processes, max_new_tokens=64)
+    trainer = L.Trainer(
+        max_steps=steps + warmup, accelerator="cpu", devices=processes, strategy=FSDP2Strategy(), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
+    )
+    trainer.fit(model, data)
+    print("RESULT " + json.dumps({
+        "rank": trainer.global_rank, "processes": processes, "step_times_s": step_times[warmup:],
+        "tokens": tokens[warmup:], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }), flush=True)
+
+
+def scale(process_counts: list[int], steps: int, warmup: int, threads: int, global_batch: int) -> list[dict]:
+    """Tokens per second (completion tokens of all ranks per step, over the slowest rank's step time)
+    and peak RSS per process, for each process count, at the same global batch (each rank gets
+    ``global_batch / processes`` prompts and ``threads`` threads). On CPU over gloo this shows what
+    splitting a batch over processes costs and gains (all-gathers, reduce-scatters, synced decoding
+    against one process's work); on a shared machine, compare processes only within one run."""
+    results = []
+    for n in process_counts:
+        cmd = [sys.executable, __file__, "--_scale_child", str(n), "--steps", str(steps), "--warmup", str(warmup),
+               "--threads", str(threads), "--global-batch", str(global_batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        ranks = [json.loads(l[7:]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if len(ranks) != n:
+            sys.exit(f"{n} processes failed:\n{out.stderr[-3000:]}")
+        per_step = [
+            (sum(r["tokens"][i] for r in ranks), max(r["step_times_s"][i] for r in ranks))
+            for i in range(min(len(r["tokens"]) for r in ranks))
+        ]
+        results.append({
+            "processes": n, "step_s": statistics.median(t for _, t in per_step),
+            "tokens_per_s": statistics.median(tok / t for tok, t in per_step),
+            "peak_rss_mb_per_process": max(r["peak_rss_mb"] for r in ranks),
+            "peak_rss_mb_total": sum(r["peak_rss_mb"] for r in ranks),
+        })
+    print(f"{'processes':>9} {'step s':>8} {'tok/s':>8} {'peak MB/proc':>13} {'peak MB total':>14}")
+    for r in results:
+        print(f"{r['processes']:>9} {r['step_s']:>8.3f} {r['tokens_per_s']:>8.0f} {r['peak_rss_mb_per_process']:>13.0f}"
+              f" {r['peak_rss_mb_total']:>14.0f}")
+    return results
+
+
+def _rss_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_loss_memory(chunk: int | None, vocab: int, tokens: int, hidden: int, out: str, top_p: float | None) -> dict:
+    """One loss forward + backward (student and both teacher views, diagnostics included) from hidden
+    states through 150k-wide output layers; peak RSS above the level before the call (Linux VmHWM,
+    reset through /proc/self/clear_refs so set-up and imports do not count)."""
+    import functools
+
+    import torch
+
+    from aropd.loss import distillation_loss
+    from aropd.targets import anchored_residual_target
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    s_head = torch.nn.Linear(hidden, vocab, bias=False)
+    t_head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+    student_h = torch.randn(1, tokens, hidden, requires_grad=True)
+    teacher_h = torch.randn(2, tokens, hidden)
+    ids = torch.randint(0, vocab, (1, tokens))
+    mask = torch.ones(1, tokens, dtype=torch.long)
+    target = functools.partial(anchored_residual_target, lam=0.8, clip=5.0)
+
+    def run(n: int):
+        loss, _ = distillation_loss(student_h[:, :n], teacher_h[:, :n], s_head, t_head, ids[:, :n], mask[:, :n],
+                                    target, 5.0, chunk_size=chunk, support_top_p=top_p)
+        loss.backward()
+        return loss
+
+    run(2)  # thread pools and allocator warmed outside the measurement
+    student_h.grad, s_head.weight.grad = None, None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    loss = run(tokens)
+    seconds = time.perf_counter() - t0
+    peak = _rss_mb("VmHWM") - before
+    torch.save({"loss": loss.detach(), "grad_hidden": student_h.grad, "grad_head": s_head.weight.grad}, out)
+    return {"chunk": chunk, "peak_mb": peak, "seconds": seconds, "loss": float(loss)}
+
+
+def loss_memory(vocab: int = 150_000, tokens: int = 256, hidden: int = 64, chunks=(None, 64, 32),
+                top_p: float | None = 0.9) -> list[dict]:
+    """Peak memory of the loss, unchunked vs. chunked, at a 150k vocabulary (one process per setting).
+
+    One sequence of ``tokens`` completion positions; an fp32 [tokens, vocab] tensor is
+    ``tokens · vocab · 4`` bytes (154 MB here). Values and gradients must agree with the unchunked ones."""
+    import tempfile
+
+    import torch
+
+    results, saved = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for chunk in chunks:
+            out = str(Path(tmp) / f"{chunk}.pt")
+            args = dict(chunk=chunk, vocab=vocab, tokens=tokens, hidden=hidden, out=out, top_p=top_p)
+            # glibc keeps freed small blocks (and, past its adaptive threshold, blocks of tens of MB) in
+            # its heap, so RSS would show the allocator's history; served by mmap, every block goes back
+            # to the system when freed, and peak RSS follows the live tensors.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+            run = subprocess.run([sys.executable, __file__, "--_loss_child", json.dumps(args)],
+                                 capture_output=True, text=True, cwd=ROOT, env=env)
+            line = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"chunk {chunk} failed:\n{run.stderr[-3000:]}")
+            results.append(json.loads(line[-1][7:]))
+            saved[chunk] = torch.load(out)
+    ref = saved[None]
+    base = results[0]["peak_mb"]
+    print(f"loss at vocab {vocab}, {tokens} positions, hidden {hidden}, support_top_p {top_p}; "
+          f"one fp32 [{tokens}, {vocab}] tensor = {tokens * vocab * 4 / 2**20:.0f} MB")
+    print(f"{'chunk':>9} {'peak MB':>8} {'vs unchunked':>13} {'seconds':>8} {'|Δloss|':>9} {'|Δgrad| max':>12}")
+    for r in results:
+        got = saved[r["chunk"]]
+        r["ratio"] = r["peak_mb"] / base
+        r["loss_diff"] = float((got["loss"] - ref["loss"]).abs())
+        r["grad_diff"] = max(float((got[k] - ref[k]).abs().max()) for k in ("grad_hidden", "grad_head"))
+        name = "none" if r["chunk"] is None else str(r["chunk"])
+        print(f"{name:>9} {r['peak_mb']:>8.0f} {r['ratio']:>13.3f} {r['seconds']:>8.2f} {r['loss_diff']:>9.1e}"
+              f" {r['grad_diff']:>12.1e}")
+    return results
 
 
 if __name__ == "__main__":
