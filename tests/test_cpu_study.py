@@ -1,0 +1,130 @@
+"""scripts/cpu_study.py --quick: every method runs, one table row each, and the table's numbers are
+the runs' own (results.json and TensorBoard events, read here independently of the script)."""
+
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import cpu_study  # noqa: E402
+
+LABELS = {"base": "Base", "sft": "SFT", "full_opd": "Full OPD", "partial_opd": "Partial OPD",
+          "ar_opd_lam0.6": "AR-OPD λ=0.6", "ar_opd_lam0.8": "AR-OPD λ=0.8", "ar_opd_lam1.2": "AR-OPD λ=1.2"}
+NO_ROLLOUT = {"base", "sft"}
+CELL = re.compile(r"^(-?\d+(?:\.\d+)?(?:e[-+]\d+)?) ± (\d+(?:\.\d+)?(?:e[-+]\d+)?)$")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpu_study")
+    start = time.time()
+    rc = cpu_study.main(["--quick", "--root", str(root)])
+    seconds = time.time() - start
+    assert rc == 0
+    return root, seconds
+
+
+def parse_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    split = lambda ln: [c.strip() for c in ln.strip("|").split("|")]  # noqa: E731
+    header = split(lines[0])
+    assert set(lines[1].replace("|", "").replace(":", "").replace("-", "")) == set()
+    rows = {}
+    for ln in lines[2:]:
+        cells = split(ln)
+        assert len(cells) == len(header), ln
+        assert cells[0] not in rows, f"two rows for {cells[0]}"
+        rows[cells[0]] = cells
+    return header, rows
+
+
+def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Independent read: every scalar of the run's event files, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(run_dir.glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard events in {run_dir}"
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {t: [v for _, v in sorted(vs, key=lambda x: x[0])] for t, vs in out.items()}
+
+
+def close(cell: str, expected: float, fmt: str) -> None:
+    m = CELL.match(cell)
+    assert m, f"malformed cell {cell!r}"
+    assert float(m.group(2)) == 0.0  # one seed: no spread
+    assert m.group(1) == f"{expected:{fmt}}", (cell, expected)
+
+
+def test_quick_study_table_matches_the_runs(study):
+    root, seconds = study
+    print(f"cpu_study --quick: {seconds:.0f}s")
+    table = (root / "table.md").read_text()
+    header, rows = parse_table(table)
+    assert header[:2] == ["Method", "Seeds"]
+    assert sorted(rows) == sorted(LABELS.values())
+    bucket_col = header[3]
+    m = re.search(r"\[(\d+)–(\d+|inf)\]", bucket_col)
+    assert m, bucket_col
+    bucket = f"len_{m.group(1)}_{m.group(2)}"
+
+    for name, label in LABELS.items():
+        run_dir = root / name / "seed0"
+        cells = rows[label]
+        assert cells[1] == "0"
+        if name == "base":
+            res = json.loads((run_dir / "validate" / "results.json").read_text())
+        else:
+            res = json.loads((run_dir / "val" / "step_4" / "results.json").read_text())
+            assert res["meta"]["global_step"] == 4
+        toy = res["benchmarks"]["toy"]
+        assert toy["n"] == 8  # the quick limit on the test split
+        close(cells[2], 100 * toy["accuracy"], ".1f")
+        assert toy[f"count_{bucket}"] > 0
+        close(cells[3], 100 * toy[f"acc_{bucket}"], ".1f")
+        if name in NO_ROLLOUT:
+            assert cells[4:] == ["n/a"] * 4, (label, cells)
+            continue
+        tb = tb_scalars(run_dir)
+        assert len(tb["train/privileged_shift"]) == 4  # one per step
+        close(cells[4], statistics.fmean(tb["diag/shortcut/events_per_1k"]), ".2f")
+        close(cells[5], 100 * statistics.fmean(tb["diag/early_answer_rate"]), ".1f")
+        shift = tb["train/privileged_shift"]
+        assert all(math.isfinite(s) and s >= 0 for s in shift)
+        close(cells[6], statistics.fmean(shift), ".3g")
+        close(cells[7], shift[0], ".3g")
+
+    # the test split, not the benchmark's default val split
+    first_q = json.loads((ROOT / "aropd/assets/toy/test.jsonl").read_text().splitlines()[0])["question"]
+    cfg = (root / "full_opd" / "seed0" / "config.yaml").read_text()
+    assert "test.jsonl" in cfg and first_q
+    assert "test.jsonl" in table
+
+
+def test_finished_runs_are_skipped(study, capsys):
+    root, _ = study
+    before = (root / "table.md").read_text()
+    assert cpu_study.main(["--quick", "--root", str(root), "--methods", "base", "full_opd"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 2
+    assert (root / "table.md").read_text().count("\n| ") < before.count("\n| ")  # only the two methods asked
+
+
+def test_model_default_prefers_toy_base():
+    expected = "aropd/assets/toy-base" if (ROOT / "aropd/assets/toy-base").is_dir() else "aropd/assets/tiny-llama"
+    assert cpu_study.default_model() == expected
+    a = cpu_study.apply_defaults(cpu_study.build_parser().parse_args(["--quick"]))
+    assert (a.model, a.seeds, a.steps) == (expected, [0], 4)
+    full = cpu_study.apply_defaults(cpu_study.build_parser().parse_args([]))
+    assert len(full.seeds) >= 3 and full.val_limit is None
