@@ -208,8 +208,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         from aropd.checkpointing import publish, staging_path
 
         path = Path(self.broadcast(str(filepath)))
-        if not self._save_distributed_checkpoint:  # rank 0 writes one file through the (atomic) CheckpointIO
-            return super().save_checkpoint(checkpoint, path, storage_options)
+        if not self._save_distributed_checkpoint:
+            # The full state is on rank 0, which writes one file through the CheckpointIO (atomic under
+            # ResumableCheckpoint); that also replaces a published folder's link, which the parent's
+            # rmtree of an existing sharded checkpoint would refuse.
+            if self.is_global_zero:
+                self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options)
+            return
         staging = Path(self.broadcast(str(staging_path(path))))
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier()

@@ -90,6 +90,24 @@ def test_fsdp_config_is_pure_data_parallel_fsdp2(monkeypatch, capsys):
     assert ShardingOptions("auto").mp_policy(torch.device("cuda")).param_dtype == torch.bfloat16
 
 
+def test_full_state_checkpoints_replace_a_published_sharded_one(tmp_path):
+    """``save_distributed_checkpoint: false``: rank 0's one file replaces what ``last.ckpt`` was, a link too."""
+    from aropd.checkpointing import AtomicCheckpointIO, is_sharded_checkpoint, publish, staging_path
+    from aropd.sharding import FSDP2Strategy
+
+    last = tmp_path / "last.ckpt"
+    folder = staging_path(last)
+    folder.mkdir()
+    (folder / ".metadata").write_text("")
+    publish(folder, last)
+    assert is_sharded_checkpoint(last)
+    s = FSDP2Strategy(save_distributed_checkpoint=False)  # no process group: rank 0 of 1
+    s.checkpoint_io = AtomicCheckpointIO()
+    s.save_checkpoint({"global_step": 7}, last)
+    assert not last.is_symlink() and torch.load(last, weights_only=False)["global_step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 # ---- multi-process -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sharded_loss_gradients_ema_and_synced_generate_equal_unsharded(tmp_path):
