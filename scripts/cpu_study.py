@@ -2,7 +2,7 @@
 """The CPU method study: Base, SFT, Full OPD, Partial OPD and AR-OPD (λ ∈ {0.6, 0.8, 1.2}) from one
 base model, the same step budget and several seeds each; one markdown table.
 
-    python scripts/cpu_study.py [--model aropd/assets/toy-base] [--seeds 0 1 2] [--steps 40]
+    python scripts/cpu_study.py [--model aropd/assets/toy-base] [--seeds 0 1 2] [--steps N]
                                 [--root runs/cpu_study] [--val-limit 128] [--quick] [--force]
                                 [--launch inline|subprocess] [--table-only]
 
@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,9 @@ def plan(a: argparse.Namespace) -> list[StudyRun]:
 
 
 def config_hash(run: StudyRun) -> str:
-    from aropd.cli import main as cli_main
     import io
-    import warnings
+
+    from aropd.cli import main as cli_main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
@@ -195,7 +196,9 @@ def launch(run: StudyRun, how: str) -> int:
     from aropd.cli import main as cli_main
 
     with open(run.dir / "fit.log", "a", encoding="utf-8", buffering=1) as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+        # LightningCLI notes that this process's own sys.argv (the study's flags) is not what it parses
+        warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter")
         try:
             cli_main([run.subcommand, *run.args])
         except SystemExit as e:
@@ -302,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     ap.add_argument("--model", default=None, help=f"base model folder (default: {TOY_BASE} if present, else {TINY})")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 40; --quick: 4)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer steps per run (default: the base config's trainer.max_steps; --quick: 4)")
     ap.add_argument("--root", default="runs/cpu_study", help="output folder (default: runs/cpu_study)")
     ap.add_argument("--base-config", default=QUICKSTART, help=f"base config (default: {QUICKSTART})")
     ap.add_argument("--test-data", default=TEST_DATA, help=f"toy test split (default: {TEST_DATA})")
@@ -320,11 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def config_steps(config: str) -> int:
+    import yaml
+
+    path = Path(config) if Path(config).is_file() else ROOT / config
+    steps = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("max_steps")
+    if not isinstance(steps, int) or steps <= 0:
+        raise SystemExit(f"cpu_study.py: error: {config} sets no trainer.max_steps; pass --steps")
+    return steps
+
+
 def apply_defaults(a: argparse.Namespace) -> argparse.Namespace:
     quick = a.quick
     a.model = a.model or default_model()
     a.seeds = a.seeds or ([0] if quick else [0, 1, 2])
-    a.steps = a.steps or (4 if quick else 40)
+    a.steps = a.steps or (4 if quick else config_steps(a.base_config))
     if quick:
         a.val_limit = a.val_limit or 8
         a.max_new_tokens = a.max_new_tokens or 24
