@@ -1,6 +1,7 @@
 """One rank of tests/test_distributed.py's sharding check (run with RANK, WORLD_SIZE, MASTER_ADDR/PORT, OUT).
 
-For an untied model (the committed tiny Llama) and a tied one: shard student and teacher with
+For an untied model (the committed tiny Llama), a tied one, and the untied one with activation
+checkpointing on the student: shard student and teacher with
 aropd.sharding, run the dual-view loss on this rank's half of a fixed batch, and compare with an
 unsharded copy on the whole batch: the mean of the ranks' losses, every gradient, the EMA update
 (a lerp over DTensors) and a synced generate whose ranks stop at different lengths.
@@ -68,10 +69,12 @@ def tied_model():
     return LlamaForCausalLM(cfg)
 
 
-def check(student, rank: int, world: int, mesh) -> dict:
+def check(student, rank: int, world: int, mesh, activation_checkpointing: bool = False) -> dict:
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     tied = is_tied(student)
+    if activation_checkpointing:  # what ShardingOptions(activation_checkpointing=True) does; the reference recomputes nothing
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_causal_lm(student, mesh)
     shard_causal_lm(teacher, mesh)
     per = B // world
@@ -112,8 +115,10 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    results = [check(load_causal_lm(str(ROOT / "aropd/assets/tiny-llama")).train(), rank, world, mesh),
-               check(tied_model().train(), rank, world, mesh)]
+    tiny = str(ROOT / "aropd/assets/tiny-llama")
+    results = [check(load_causal_lm(tiny).train(), rank, world, mesh),
+               check(tied_model().train(), rank, world, mesh),
+               check(load_causal_lm(tiny).train(), rank, world, mesh, activation_checkpointing=True)]
     Path(os.environ["OUT"], f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
