@@ -136,6 +136,7 @@ def common_sets(a: argparse.Namespace) -> dict[str, str]:
         "trainer.max_steps": str(a.steps),
         "trainer.val_check_interval": str(a.steps),   # validate once, after the last step
         "trainer.enable_checkpointing": "false",
+        "trainer.log_every_n_steps": "1",             # every step in the events: the run means use them all
     }
     if a.max_new_tokens:
         s["model.init_args.sampling.max_new_tokens"] = str(a.max_new_tokens)

@@ -67,6 +67,7 @@ def close(cell: str, expected: float, fmt: str) -> None:
     assert m.group(1) == f"{expected:{fmt}}", (cell, expected)
 
 
+@pytest.mark.slow
 def test_quick_study_table_matches_the_runs(study):
     root, seconds = study
     print(f"cpu_study --quick: {seconds:.0f}s")
@@ -112,6 +113,7 @@ def test_quick_study_table_matches_the_runs(study):
     assert "test.jsonl" in table
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped(study, capsys):
     root, _ = study
     before = (root / "table.md").read_text()
