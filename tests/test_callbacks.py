@@ -277,7 +277,11 @@ def test_fit_writes_every_diagnostic_tag(fit_run):
 def test_fit_checkpoint_holds_the_cumulative_shortcut_counts(fit_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ckpt = torch.load(fit_run.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False)
+    cb = fit_run.trainer.checkpoint_callback
+    path = cb.best_model_path or cb.last_model_path
+    if not path:  # wherever the configured checkpoint callback put it
+        path = str(max(Path(fit_run.trainer.default_root_dir).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime))
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     totals = ckpt["callbacks"]["ShortcutEvents"]["totals"]
     assert totals["rollouts"] == 4 * 8
     acc = EventAccumulator(fit_run.trainer.log_dir, size_guidance={"scalars": 0})
