@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -107,9 +108,11 @@ def test_quick_study_table_matches_the_runs(study):
         close(cells[7], shift[0], ".3g")
 
     # the test split, not the benchmark's default val split
-    first_q = json.loads((ROOT / "aropd/assets/toy/test.jsonl").read_text().splitlines()[0])["question"]
-    cfg = (root / "full_opd" / "seed0" / "config.yaml").read_text()
-    assert "test.jsonl" in cfg and first_q
+    for name in ("full_opd", "sft"):
+        cfg = yaml.safe_load((root / name / "seed0" / "config.yaml").read_text())
+        (bench,) = cfg["data"]["init_args"]["val_benchmarks"]
+        assert (bench["name"], bench["data_path"], bench["limit"]) == ("toy", "aropd/assets/toy/test.jsonl", 8)
+        assert cfg["trainer"]["max_steps"] == 4
     assert "test.jsonl" in table
 
 
