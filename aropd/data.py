@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from aropd.checkpointing import ResumableDataLoader
+from aropd.rollout import GenerationWindow, GenerationWindowSampler, WindowKeyed
 from aropd.views import PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class PrivilegedBatch(NamedTuple):
     reference_mask: torch.Tensor
     privileged_len: torch.Tensor  # [B] full-view prompt tokens minus student prompt tokens
     answers: list[str]
+    window: GenerationWindow | None = None  # the generation batch's prompts (generation_batch_size > batch_size)
 
 
 class PromptBatch(NamedTuple):
@@ -161,6 +163,14 @@ def collate_privileged(examples: list[PrivilegedExample], pad_id: int) -> Privil
     return PrivilegedBatch(s, sm, f, fm, p, pm, r, rm, priv, [e.answer for e in examples])
 
 
+def collate_window(keyed: list[tuple[PrivilegedExample, int, bool]], pad_id: int) -> PrivilegedBatch:
+    """A micro-batch plus its generation window's student prompts (keys of ``GenerationWindowSampler``)."""
+    rows = [r for r, (_, _, mine) in enumerate(keyed) if mine]
+    ids, mask = pad([e.student for e, _, _ in keyed], pad_id, left=True)
+    micro = collate_privileged([keyed[r][0] for r in rows], pad_id)
+    return micro._replace(window=GenerationWindow(ids, mask, keyed[0][1], rows[0], rows[-1] + 1))
+
+
 class PrivilegedDataModule(L.LightningDataModule):
     """Training records → student / full-view / partial-view prompts; benchmarks → validation prompts."""
 
@@ -176,6 +186,7 @@ class PrivilegedDataModule(L.LightningDataModule):
         max_teacher_tokens: int = 1024,
         max_new_tokens: int = 128,
         batch_size: int = 8,
+        generation_batch_size: int | None = None,
         val_benchmarks: list[BenchmarkSpec] | None = None,
         val_batch_size: int = 16,
         num_workers: int = 0,
@@ -193,6 +204,9 @@ class PrivilegedDataModule(L.LightningDataModule):
             max_teacher_tokens: Budget of each teacher prompt; the trace's reasoning is shortened to fit.
             max_new_tokens: Completion budget (linked to the model's rollout budget); caps SFT targets.
             batch_size: Prompts per training micro-batch (per device).
+            generation_batch_size: Prompts whose rollouts are sampled in one call (per device), a multiple of
+                ``batch_size``; the micro-batches of a window then train on them in order (README, "Fast
+                rollouts"). Null = ``batch_size``: every micro-batch samples its own.
             val_benchmarks: Benchmarks for validation (``aropd validate`` and in-``fit`` validation).
             val_batch_size: Prompts per validation batch.
             num_workers: DataLoader worker processes.
@@ -206,6 +220,9 @@ class PrivilegedDataModule(L.LightningDataModule):
         for name in ("max_prompt_tokens", "max_teacher_tokens", "max_new_tokens", "batch_size", "val_batch_size"):
             if getattr(self.hparams, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self.hparams, name)}")
+        gen = generation_batch_size
+        if gen is not None and batch_size >= 1 and (gen < batch_size or gen % batch_size):
+            problems.append(f"generation_batch_size must be a multiple of batch_size ({batch_size}), got {gen}")
         if problems:
             raise ValueError("; ".join(problems))
         self.train_sources = [train] if isinstance(train, str) else list(train)
@@ -265,6 +282,16 @@ class PrivilegedDataModule(L.LightningDataModule):
         return examples
 
     def train_dataloader(self) -> DataLoader:
+        gen = self.hparams.generation_batch_size
+        if gen is not None and gen > self.hparams.batch_size:
+            # The same micro-batches in the same order, each carrying its window's prompts (aropd.rollout).
+            sampler = GenerationWindowSampler.following(
+                self.train_sampler(), self.hparams.batch_size, gen, len(self.train_examples) >= self.hparams.batch_size
+            )
+            return ResumableDataLoader(
+                WindowKeyed(self.train_examples), sampler=sampler, batch_size=None, num_workers=self.hparams.num_workers,
+                collate_fn=functools.partial(collate_window, pad_id=self.tokenizer.pad_token_id),
+            )
         # Resumable mid-epoch: the loader's position is saved in the checkpoint (aropd/checkpointing.py).
         return ResumableDataLoader(
             self.train_examples,

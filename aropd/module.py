@@ -15,7 +15,7 @@ from aropd.data import PrivilegedBatch, PromptBatch
 from aropd.loss import StepRecord, distillation_loss, sequence_weights, sft_loss
 from aropd.metrics import BucketAccuracy
 from aropd.models import load_causal_lm, load_tokenizer
-from aropd.rollout import HFGenerate, Rollout, RolloutEngine, SamplingConfig, eos_ids_of, seeded
+from aropd.rollout import HFGenerate, Rollout, RolloutBuffer, RolloutEngine, SamplingConfig, eos_ids_of, seeded
 from aropd.targets import anchored_residual_target, check_lam_clip
 from aropd.teachers import EMATeacher, Teacher, completion_hidden, left_pad_stack
 
@@ -156,6 +156,31 @@ class PrivilegedDistillation(L.LightningModule):
         finally:
             self.student.train(was_training)
 
+    def train_rollout(self, batch: PrivilegedBatch, batch_idx: int) -> Rollout:
+        """The micro-batch's rollouts: sampled now, or taken from its generation window's buffer.
+
+        With ``data.generation_batch_size`` > ``batch_size`` the datamodule yields the usual
+        micro-batches (so gradient accumulation, the EMA teacher after each optimizer step and the
+        per-micro-batch ``{"loss", "record"}`` that callbacks read all stay as they are), each
+        carrying its window's prompts; the window's first micro-batch samples rollouts for all of
+        them in one call (seeded by the window's first batch index), the others take theirs in order.
+        Chosen over manual optimization, which would re-implement accumulation, clipping and the
+        optimizer-step hooks, and over peeking into Lightning's loader, which is private API.
+        """
+        window = getattr(batch, "window", None)
+        if window is None:  # generation batch = micro-batch: on-policy, as always
+            return self.rollout(batch.student_ids, batch.student_mask, self.sampling, self.rollout_seed(batch_idx))
+        if getattr(self, "_rollout_buffer", None) is None:
+            self._rollout_buffer = RolloutBuffer()
+        first = batch_idx - window.index
+        rollout, staleness = self._rollout_buffer.take(
+            (self.current_epoch, first), window, self.global_step,
+            lambda: self.rollout(window.prompt_ids, window.prompt_mask, self.sampling, self.rollout_seed(first)),
+            batch.student_ids, batch.student_mask,
+        )
+        self.log("train/rollout_staleness", float(staleness), batch_size=batch.student_ids.shape[0])
+        return rollout
+
     # ---- training -----------------------------------------------------------------------------
     def training_step(self, batch: PrivilegedBatch, batch_idx: int):
         head = self.student.get_output_embeddings()
@@ -166,7 +191,7 @@ class PrivilegedDistillation(L.LightningModule):
             self._log_train(loss, ref.completion_mask, {})
             return loss
         with self.phase("rollout"):
-            rollout = self.rollout(batch.student_ids, batch.student_mask, self.sampling, self.rollout_seed(batch_idx))
+            rollout = self.train_rollout(batch, batch_idx)
         with self.phase("teacher_scoring"), torch.no_grad():  # both views in one forward: full rows, then partial
             ids, mask = left_pad_stack(
                 batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, self.tokenizer.pad_token_id

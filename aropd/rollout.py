@@ -174,9 +174,10 @@ def pick_tokens(logits: torch.Tensor, sampling: SamplingConfig, warpers: list) -
     cdf = probs.cumsum(-1)
     u = torch.rand((probs.shape[0], 1), device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first entry whose CDF exceeds u: p > 0
-    # u rounding up to the total could point past the last entry with p > 0: clamp to it.
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
-    return torch.minimum(tok, last)
+    if bool((tok >= probs.shape[-1]).any()):  # u rounded up to the total: take the last entry with p > 0
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
+        tok = torch.minimum(tok, last)
+    return tok
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -188,6 +189,74 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _make_room(cache, extra: int) -> None:
+    """Let each full-attention ``DynamicLayer`` of ``cache`` grow in place by ``extra`` positions.
+
+    ``DynamicLayer.update`` concatenates, copying the whole cache at every step (a fifth of a batch-64
+    step of the tiny model); these layers write into a buffer with room for the budget and hand out
+    views of its filled part. Layers of any other kind (sliding window, other transformers versions)
+    are left as they are.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers 4.x: no per-layer objects
+        return
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer and getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
+            layer.__class__ = _RoomyLayer
+            layer.make_room(extra)
+
+
+try:
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # transformers 4.x
+    _DynamicLayer = object
+
+
+class _RoomyLayer(_DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values are views of buffers with room to grow (see :func:`_make_room`)."""
+
+    def make_room(self, extra: int) -> None:
+        self._length = self.keys.shape[-2]
+        self._kbuf = self._with_room(self.keys, self._length + extra)
+        self._vbuf = self._with_room(self.values, self._length + extra)
+
+    @staticmethod
+    def _with_room(x: torch.Tensor, size: int) -> torch.Tensor:
+        buf = x.new_empty((*x.shape[:-2], size, x.shape[-1]))
+        buf[..., : x.shape[-2], :] = x
+        return buf
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        if end > self._kbuf.shape[-2]:  # out of room: double it
+            self._kbuf = self._with_room(self._kbuf[..., : self._length, :], 2 * end)
+            self._vbuf = self._with_room(self._vbuf[..., : self._length, :], 2 * end)
+        self._kbuf[..., self._length : end, :] = key_states
+        self._vbuf[..., self._length : end, :] = value_states
+        self._length = end
+        self.keys, self.values = self._kbuf[..., :end, :], self._vbuf[..., :end, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+        self.keys, self.values = self._kbuf[..., : self._length, :], self._vbuf[..., : self._length, :]
+
+
+def _decode_mask_4d(model: torch.nn.Module, prompt_mask: torch.Tensor, budget: int) -> torch.Tensor | None:
+    """``[B, 1, 1, Lp + budget]`` bool (True = attend) for one-token decode steps, or None where the
+    model would not take it as SDPA's mask as it is (other attention kernels, transformers 4.x)."""
+    import transformers
+
+    config = getattr(model, "config", None)
+    if int(transformers.__version__.split(".")[0]) < 5 or getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    full = torch.ones((prompt_mask.shape[0], 1, 1, prompt_mask.shape[1] + budget), dtype=torch.bool,
+                      device=prompt_mask.device)
+    full[:, 0, 0, : prompt_mask.shape[1]] = prompt_mask.bool()
+    return full
 
 
 class LeanDecode(RolloutEngine):
@@ -241,6 +310,11 @@ class LeanDecode(RolloutEngine):
         cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
         cache, position = out.get(cache_arg), position[:, -1:]
+        _make_room(cache, budget)
+        # Decode steps attend to every cached position but the prompt's padding. With SDPA (transformers
+        # 5 takes a 4D mask as it is) that mask is a view of one boolean buffer instead of a 2D mask
+        # grown and expanded to 4D by the model at every step.
+        full = _decode_mask_4d(model, mask, budget)
         width = 0
         for t in range(budget):
             logits = out.logits[:, -1]
@@ -264,11 +338,18 @@ class LeanDecode(RolloutEngine):
             if keep is not None and not bool(keep.all()):
                 idx = keep.nonzero().squeeze(-1)
                 cache.batch_select_indices(idx)
-                rows, mask, position, tok = rows[idx], mask[idx], position[idx], tok[idx]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                rows, position, tok = rows[idx], position[idx], tok[idx]
+                if full is not None:
+                    full = full[idx]
+                else:
+                    mask = mask[idx]
+            if full is not None:
+                step_mask = full[..., : prompt_ids.shape[1] + t + 1]
+            else:
+                mask = step_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             position = position + 1
             out = model(
-                input_ids=tok[:, None], attention_mask=mask, position_ids=position,
+                input_ids=tok[:, None], attention_mask=step_mask, position_ids=position,
                 use_cache=True, logits_to_keep=1, **{cache_arg: cache},
             )
         completion = tokens[:, : max(width, 1)]
