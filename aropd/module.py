@@ -288,20 +288,21 @@ class PrivilegedDistillation(L.LightningModule):
 
     def _write_results(self) -> None:
         trainer = self.trainer
-        if trainer.sanity_checking or not self._val_rows:
+        if trainer.sanity_checking:
             return
         from aropd.evaluators.results import write_results
 
+        # Collectives first, on every rank: the gather, and log_dir (a broadcast under DDP).
         gathered: list[dict] = [self._val_rows]
         if trainer.world_size > 1:
             gathered = [None] * trainer.world_size  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, self._val_rows)
-        if not trainer.is_global_zero:
-            return
+        root = Path(trainer.log_dir or trainer.default_root_dir)
         rows: dict[str, list] = {}
         for part in gathered:
             for name, r in part.items():
                 rows.setdefault(name, []).extend(r)
-        root = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero or not rows:
+            return
         out = root / "validate" if trainer.state.fn == "validate" else root / "val" / f"step_{self.global_step}"
         write_results(out, rows, {"student": self.hparams.student, "global_step": self.global_step, "method": self.method})
