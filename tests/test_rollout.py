@@ -52,14 +52,15 @@ def ids(model, tiny_path):
     return eos_ids_of(model, tok), tok.pad_token_id
 
 
-def _force_eos_at(model, position: int):
+def _force_eos_at(model, position: int, or_after: bool = False):
     """Make EOS the top logit wherever the next token sits at ``position`` (so rows of different
-    prompt lengths end at different steps) and impossible elsewhere: a hook on the model's forward."""
+    prompt lengths end at different steps; ``or_after``: at any later position too) and impossible
+    elsewhere: a hook on the model's forward."""
     eos = model.generation_config.eos_token_id
 
     def hook(mod, args, kwargs, out):
-        pos = kwargs["position_ids"][:, -1]
-        out.logits[:, -1, eos] = torch.where(pos + 1 == position, 1e4, -math.inf)
+        pos = kwargs["position_ids"][:, -1] + 1
+        out.logits[:, -1, eos] = torch.where(pos >= position if or_after else pos == position, 1e4, -math.inf)
         return out
 
     return model.register_forward_hook(hook, with_kwargs=True)
@@ -265,3 +266,84 @@ def test_window_spanning_steps_is_one_step_stale(tiny_path, examples):
     assert windowed.losses[0] == pytest.approx(plain.losses[0], abs=1e-6)
     # PromptHash ignores the weights, so stale and fresh rollouts coincide: the losses still match
     assert windowed.losses == pytest.approx(plain.losses, abs=1e-6)
+
+
+# ---- sharded: synced stopping over 2 processes ------------------------------------------------------
+def _synced_worker() -> None:
+    """One rank of test_lean_decode_stays_in_step_under_fsdp2 (run as ``python tests/test_rollout.py``)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from aropd.sharding import shard_causal_lm
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    tiny = str(Path(__file__).resolve().parents[1] / "aropd/assets/tiny-llama")
+    dm = PrivilegedDataModule(tokenizer=tiny, batch_size=8)
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))
+    rows = slice(4 * rank, 4 * rank + 4)
+    ids, mask = b.student_ids[rows], b.student_mask[rows]
+    # rank 0's rows end after 1 or 2 tokens, rank 1's run the whole budget of 12
+    stop = int(mask.sum(-1).min()) + 1 if rank == 0 else 10**9
+    s = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    model = load_causal_lm(tiny).eval()
+    handle = _force_eos_at(model, stop, or_after=True)
+    ref = LeanDecode().generate(model, ids, mask, s, [1], 0)  # unsharded, alone
+    handle.remove()
+    shard_causal_lm(model, init_device_mesh("cpu", (world,)))
+    handle = _force_eos_at(model, stop, or_after=True)
+    forwards = []
+    model.register_forward_hook(lambda m, a, kw, o: forwards.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    out = LeanDecode().generate(model, ids, mask, s, [1], 0, synced=True)
+    handle.remove()
+    Path(os.environ["OUT"], f"rank{rank}.json").write_text(json.dumps({
+        "same": torch.equal(out.completion_ids, ref.completion_ids[:, : out.completion_ids.shape[1]])
+        and torch.equal(out.completion_mask.sum(-1), ref.completion_mask.sum(-1)),
+        "lengths": out.completion_mask.sum(-1).tolist(), "forwards": forwards,
+    }))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lean_decode_stays_in_step_under_fsdp2(tmp_path):
+    """FSDP2 over gloo, 2 ranks: rank 0's rows finish after a few tokens, rank 1's run the budget; rank 0
+    keeps joining the sharded forwards with a dummy row (else both would hang) and each rank's tokens
+    equal an unsharded decode of its rows."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(root), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OUT=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve())], cwd=root, env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["same"] and r1["same"]
+    assert max(r0["lengths"]) <= 2 and r1["lengths"] == [12] * 4
+    assert len(r0["forwards"]) == len(r1["forwards"]) == 12  # prefill + 11 steps on both ranks
+    assert r0["forwards"][-1] == 1  # rank 0 stepped a dummy row at the end
+
+
+if __name__ == "__main__":
+    _synced_worker()
