@@ -58,13 +58,21 @@ def check_same_vocabulary(student_tok: Any, teacher_tok: Any, teacher_name: str)
         raise ValueError(f"teacher {teacher_name!r} is incompatible with the student: " + "; ".join(problems))
 
 
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 384) -> Any:
-    """A byte-level BPE trained on ``texts``, wrapped as a fast tokenizer with a chat template."""
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 384, split_digits: bool = False) -> Any:
+    """A byte-level BPE trained on ``texts``, wrapped as a fast tokenizer with a chat template.
+
+    ``split_digits`` makes every digit its own token, so arithmetic stays digit-wise.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=TINY_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()

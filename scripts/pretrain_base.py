@@ -33,7 +33,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from aropd.models import TINY_CHAT_TEMPLATE, TINY_SPECIAL
+from aropd.models import train_tiny_tokenizer
 from aropd.toy import make_problem, read_split
 from aropd.views import PromptTemplate, partial_view, render
 
@@ -49,22 +49,7 @@ def train_toy_tokenizer(texts: list[str], vocab_size: int = 512) -> Any:
 
     Saved with ``save_pretrained`` and reloaded with ``AutoTokenizer`` it gives the same ids.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=TINY_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|end|>")
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
+    return train_tiny_tokenizer(texts, vocab_size, split_digits=True)
 
 
 def build_model(tok: Any, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int) -> Any:
