@@ -1,0 +1,133 @@
+"""scripts/pretrain_base.py: a tiny real run, its outputs on reload, and the committed toy-base model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from aropd.toy import make_split, read_split, write_splits
+from aropd.views import PromptTemplate, partial_view, render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_base", ROOT / "scripts" / "pretrain_base.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pb = _load_script()
+
+TINY = [
+    "--hidden", "48", "--layers", "2", "--heads", "2", "--intermediate", "96", "--vocab-size", "320",
+    "--max-positions", "512", "--min-steps", "1", "--max-steps", "3", "--long-frac", "0",
+    "--tokenizer-problems", "300", "--steps", "120", "--batch-tokens", "2048", "--lr", "1e-2",
+    "--warmup", "10", "--log-every", "20", "--eval-batch", "8", "--kl-limit", "8",
+    # One thread: on a shared 2-core machine two OpenMP threads spin-wait and run several times slower.
+    "--threads", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    write_splits(root / "toy", {"train": 16, "val": 16, "test": 12}, seed=5, min_steps=1, max_steps=3)
+    result = pb.main(TINY + ["--splits", str(root / "toy"), "--out", str(root / "model"), "--seed", "3"])
+    return root, result
+
+
+def _unigram_entropy(tok, problems) -> float:
+    """Entropy (nats) of the response-token frequencies: the best loss of a model that ignores context."""
+    t = PromptTemplate()
+    counts = Counter(i for p in problems for i in pb.response_ids(tok, t, p))
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def test_loss_falls_below_what_context_free_prediction_allows(tiny_run):
+    root, result = tiny_run
+    report = result.report
+    # At init the model is near uniform over the vocabulary.
+    assert abs(report["first_loss"] - math.log(report["vocab_size"])) < 0.5
+    # A model that ignores context cannot beat the unigram entropy of the response tokens (~3.2
+    # nats here); beating it clearly means the model reads the prompt and its own prefix.
+    bound = _unigram_entropy(result.tokenizer, make_split(2000, seed=11, min_steps=1, max_steps=3))
+    assert 1.5 < bound < 3.5
+    assert report["final_loss"] < bound - 0.5, (report["final_loss"], bound)
+    assert [e["loss"] for e in report["log"]][-1] < report["log"][0]["loss"]
+
+
+def test_outputs_reload_with_identical_logits_and_ids(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, result = tiny_run
+    model_dir = root / "model"
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    t = PromptTemplate()
+    p = read_split(root / "toy" / "test.jsonl")[0]
+    texts = [p["question"], t.format_trace(p["reasoning"], p["answer"]), t.system, "Start at 07. 123+45=168."]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == result.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    # Digits are single tokens, so arithmetic stays digit-wise.
+    assert tok.convert_ids_to_tokens(tok("1234", add_special_tokens=False)["input_ids"]) == list("1234")
+    for msgs in (t.student_messages(p["question"]), t.teacher_messages(p["question"], p["reasoning"], p["answer"])):
+        assert render(tok, msgs) == render(result.tokenizer, msgs)
+    assert tok.eos_token == "<|end|>" and tok.eos_token_id == result.tokenizer.eos_token_id
+    ids = torch.tensor([pb.encode(tok, t, p, "partial", 0.5)[0]])
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_report_is_written_and_consistent(tiny_run):
+    root, result = tiny_run
+    saved = json.loads((root / "model" / "pretrain.json").read_text())
+    assert saved["seed"] == 3 and saved["args"]["steps"] == 120
+    assert saved["params"] == sum(p.numel() for p in result.model.parameters())
+    assert saved["test"]["n"] == 12 and 0.0 <= saved["test"]["accuracy"] <= 1.0
+    assert sum(b["n"] for b in saved["test"]["by_length"].values()) == 12
+    views = saved["views"]
+    assert views["kl_full_partial_per_token"] > 0
+    # Shown + hidden tokens make up the total.
+    total = views["kl_full_partial_hidden_tokens"] * views["hidden_token_fraction"] + views[
+        "kl_full_partial_shown_tokens"
+    ] * (1 - views["hidden_token_fraction"])
+    assert total == pytest.approx(views["kl_full_partial_per_token"], rel=1e-6)
+    assert saved["wall_seconds"] > 0 and saved["final_loss"] == pytest.approx(result.report["final_loss"])
+
+
+def test_kl_matches_a_direct_computation(tiny_run):
+    root, result = tiny_run
+    tok, model, t = result.tokenizer, result.model.eval(), PromptTemplate()
+    problems = read_split(root / "toy" / "test.jsonl")[:3]
+    got = pb.view_divergence(model, tok, t, problems, 0.5, batch_size=2)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for p in problems:
+            resp = pb.response_ids(tok, t, p)
+            lps = []
+            for reasoning in (p["reasoning"], partial_view(p["reasoning"], 0.5)):
+                prompt = render(tok, t.teacher_messages(p["question"], reasoning, p["answer"]))
+                logits = model(input_ids=torch.tensor([prompt + resp])).logits[0]
+                lps.append(torch.log_softmax(logits[len(prompt) - 1 : -1].double(), -1))
+            total += (lps[0].exp() * (lps[0] - lps[1])).sum().item()
+            n += len(resp)
+    assert got["kl_full_partial_per_token"] == pytest.approx(total / n, rel=1e-4, abs=1e-6)
+
+
+def test_extract_answer():
+    assert pb.extract_answer("<reasoning>#1 1+2=3.</reasoning><answer>3</answer>") == 3
+    assert pb.extract_answer("<answer> 07 </answer>") == 7
+    assert pb.extract_answer("<answer>x</answer>") is None
+    assert pb.extract_answer("no tags 3") is None
