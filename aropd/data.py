@@ -254,7 +254,11 @@ class PrivilegedDataModule(L.LightningDataModule):
                 from aropd.evaluators import get_benchmark
 
                 bench = get_benchmark(spec.name)
-                self.val_sets.append((bench, bench.load(spec.data_path, limit=spec.limit)))
+                records = bench.load(spec.data_path, limit=spec.limit)
+                # Longer prompts tend to need longer answers: batching them together keeps a few long
+                # generations from holding every batch open (rows are keyed by id, order is free).
+                records.sort(key=lambda r: len(bench.prompt(r)))
+                self.val_sets.append((bench, records))
 
     def _build_train(self) -> list[PrivilegedExample]:
         rows_by_source = [(src, load_records(src, self.hparams.train_split)) for src in self.train_sources]

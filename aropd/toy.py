@@ -1,12 +1,12 @@
-"""A seeded synthetic task whose worked solutions carry hindsight: numbered chains of arithmetic mod 100.
+"""A seeded synthetic task whose worked solutions carry hindsight: chains of arithmetic mod 100.
 
-A problem starts from a two-digit number and lists numbered operations; the worked solution takes
-them in order, each step naming the operation, the running value and the result, and the answer is
-the last value::
+A problem gives a two-digit start value, two operations applied in turn and a step count; the
+worked solution counts its steps down from ``#n`` to ``#1``, each naming the operation, the running
+value and the result, and the answer is the last value::
 
-    question:  Start at 98. Working mod 100, apply #1 -2, #2 *7, #3 +5. Result?
-    reasoning: #1 -2 on 98=96. #2 *7 on 96=72. #3 +5 on 72=77.
-    answer:    77
+    question:  Working mod 100, apply -2 and +5 in turn from #3 down to #1, starting at 98.
+    reasoning: #3 -2 on 98=96. #2 +5 on 96=01. #1 -2 on 01=99.
+    answer:    99
 
 Why privilege matters here. Every value depends on all earlier ones, so a student must compute the
 chain in order; a teacher that sees the full solution can copy any late value (and the answer) the
@@ -16,17 +16,23 @@ teacher views agree on the first half of a trace and disagree exactly where hind
 once a student's chain goes wrong the full view still endorses the reference's late values, which
 no longer follow from the student's own prefix: a hindsight shortcut.
 
-Design choices:
+Design choices, all so that a 2M-parameter model pretrained for 15 CPU minutes can do the task:
 
-* Step labels ``#i`` make "which operation comes next" an exact lookup, so long chains stay
-  well-posed for a small model (an unlabelled list with repeated operations is ambiguous). The
-  operation follows the label and is written as in the question (`` -2``), so it is one copy.
-* Values are always two digits (``07``), answer included, so every step has the same layout.
-* ``*`` only multiplies by 3, 7 or 9, units mod 100, so every operation is a bijection mod 100:
-  values (and answers) stay uniform on 0..99 instead of collapsing onto multiples of 10 or 0,
-  and an answer cannot be guessed from the operations without doing the chain.
-* Length is set by the number of steps: about 13 tokens of reasoning per step with a digit-level
-  tokenizer (``approx_response_tokens``), from ~37 tokens (2 steps) to ~1,000 (76 steps).
+* Every step has the same token layout (labels and operations are one token each with the toy-base
+  tokenizer, ``STEP_TOKENS``; values are always two digits), and the question ends with the step
+  count, the operations and the start value. So everything a step copies sits a fixed number of
+  tokens back: the operation two steps up, the running value in the step before, the first two
+  steps' inputs at the end of the question. Fixed-offset copies are learnt in minutes. A version
+  with a different operation per step, looked up by its label in the question, needs an induction
+  head; after 15 CPU minutes that lookup was still at chance (2.9 nats) while all else was learnt.
+* Labels count down, so the trace ends after ``#1`` whatever the length (no comparison with the
+  question's count is needed).
+* Every operation is a bijection mod 100 (``*`` only multiplies by 3, 7 or 9, units mod 100), so
+  values (and answers) stay uniform on 0..99 instead of collapsing onto multiples of 10 or 0. The
+  committed splits use ``+`` and ``-`` only (``OPS``): the units digit of a product is a table the
+  small model learns too slowly.
+* Length is set by the number of steps: 11 tokens per step with the toy-base tokenizer
+  (``approx_response_tokens``), from ~35 tokens (2 steps) to ~1,000 (90 steps); labels go to #99.
 """
 
 from __future__ import annotations
@@ -37,17 +43,34 @@ import random
 import re
 from pathlib import Path
 
+from aropd.views import PromptTemplate
+
 MOD = 100
 OPERANDS: dict[str, tuple[int, ...]] = {
     "+": tuple(range(1, 10)),
     "-": tuple(range(1, 10)),
     "*": (3, 7, 9),  # units mod 100: multiplication stays a bijection
 }
-# Rough response length (tokens, digit-level tokenizer): trace tags + answer + EOS, plus per step.
-_TOKENS_BASE, _TOKENS_PER_STEP = 11, 13.0
+OPS = ("+", "-")  # the committed splits (see the module docstring)
+# One token each for the step labels and the operations (see the module docstring).
+MAX_LABEL = 99
+STEP_TOKENS = [f"#{i}" for i in range(1, MAX_LABEL + 1)] + [f" {o}{k}" for o in OPS for k in OPERANDS[o]]
+# Response length in toy-base tokens: trace tags, answer and EOS, plus 11 per step (label, op,
+# " on", " ", 2 digits, "=", 2 digits, ".", " "), minus the space after the last step.
+_TOKENS_BASE, _TOKENS_PER_STEP = 13, 11
+
+# No system message and a one-line instruction: on a tiny model every prompt token is compute that
+# teaches nothing (the loss is on the response), and the generic wording was half of each example.
+TOY_TEMPLATE = PromptTemplate(
+    system="",
+    teacher_user="{question}\nExample: {trace}\nNow you.",
+)
 
 _STEP = re.compile(r"#(\d+) ([-+*])(\d+) on (\d\d)=(\d\d)\.")
-_QUESTION = re.compile(r"Start at (\d\d)\. Working mod (\d+), apply (.*)\. Result\?")
+_OP = r"([-+*]\d)"
+_QUESTION = re.compile(
+    rf"Working mod (\d+), apply {_OP} and {_OP} in turn from #(\d+) down to #1, starting at (\d\d)\."
+)
 
 
 def apply_op(value: int, op: str, k: int, mod: int = MOD) -> int:
@@ -60,40 +83,39 @@ def apply_op(value: int, op: str, k: int, mod: int = MOD) -> int:
     raise ValueError(f"unknown operation {op!r}")
 
 
-def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = ("+", "-", "*")) -> dict[str, str]:
-    """One problem with ``steps`` operations: ``{"question", "reasoning", "answer"}``."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPS) -> dict[str, str]:
+    """One problem with ``steps`` steps: ``{"question", "reasoning", "answer"}``."""
+    if not 1 <= steps <= MAX_LABEL:
+        raise ValueError(f"steps must be in [1, {MAX_LABEL}], got {steps}")
     value = rng.randrange(MOD)
-    chain = []
-    for _ in range(steps):
+    pair = []
+    for _ in range(2):
         op = rng.choice(ops)
-        chain.append((op, rng.choice(OPERANDS[op])))
+        pair.append((op, rng.choice(OPERANDS[op])))
+    (oa, ka), (ob, kb) = pair
     question = (
-        f"Start at {value:02d}. Working mod {MOD}, apply "
-        + ", ".join(f"#{i} {o}{k}" for i, (o, k) in enumerate(chain, 1))
-        + ". Result?"
+        f"Working mod {MOD}, apply {oa}{ka} and {ob}{kb} in turn from #{steps} down to #1, "
+        f"starting at {value:02d}."
     )
     lines = []
-    for i, (o, k) in enumerate(chain, 1):
+    for i in range(steps):
+        o, k = pair[i % 2]
         new = apply_op(value, o, k)
-        lines.append(f"#{i} {o}{k} on {value:02d}={new:02d}.")
+        lines.append(f"#{steps - i} {o}{k} on {value:02d}={new:02d}.")
         value = new
     return {"question": question, "reasoning": " ".join(lines), "answer": f"{value:02d}"}
 
 
 def parse_question(question: str) -> tuple[int, list[tuple[str, int]]]:
-    """The start value and the ``(op, k)`` chain of a question written by :func:`make_problem`."""
+    """The start value and the ``(op, k)`` of every step of a question written by :func:`make_problem`."""
     m = _QUESTION.fullmatch(question)
-    if not m or int(m.group(2)) != MOD:
+    if not m or int(m.group(1)) != MOD or not 1 <= int(m.group(4)) <= MAX_LABEL:
         raise ValueError(f"not a toy question: {question!r}")
-    chain = []
-    for i, item in enumerate(m.group(3).split(", "), 1):
-        label, op = item.split(" ")
-        if label != f"#{i}" or op[0] not in OPERANDS:
-            raise ValueError(f"bad step {item!r} in {question!r}")
-        chain.append((op[0], int(op[1:])))
-    return int(m.group(1)), chain
+    pair = [(op[0], int(op[1:])) for op in (m.group(2), m.group(3))]
+    for op, k in pair:
+        if k not in OPERANDS[op]:
+            raise ValueError(f"bad operation {op}{k} in {question!r}")
+    return int(m.group(5)), [pair[i % 2] for i in range(int(m.group(4)))]
 
 
 def solve(question: str) -> int:
@@ -113,9 +135,9 @@ def check_reasoning(problem: dict[str, str]) -> list[str]:
         errors.append("reasoning is not a sequence of '#i <op>k on aa=bb.' steps")
     if len(steps) != len(chain):
         errors.append(f"{len(steps)} steps in the reasoning, {len(chain)} in the question")
-    for n, ((i, o, k, a, b), (op, kk)) in enumerate(zip(steps, chain), 1):
-        if int(i) != n or int(a) != value or (o, int(k)) != (op, kk) or int(b) != apply_op(value, op, kk):
-            errors.append(f"step {n} is wrong: #{i} {o}{k} on {a}={b}.")
+    for n, ((i, o, k, a, b), (op, kk)) in enumerate(zip(steps, chain)):
+        if int(i) != len(chain) - n or int(a) != value or (o, int(k)) != (op, kk) or int(b) != apply_op(value, op, kk):
+            errors.append(f"step {n + 1} is wrong: #{i} {o}{k} on {a}={b}.")
         value = apply_op(value, op, kk)
     if problem["answer"] != f"{value:02d}":
         errors.append(f"answer {problem['answer']!r} != {value:02d}")
@@ -139,8 +161,8 @@ def make_split(
     max_steps: int = 8,
     exclude: set[str] | None = None,
     long_frac: float = 0.0,
-    long_steps: tuple[int, int] = (20, 76),
-    ops: tuple[str, ...] = ("+", "-", "*"),
+    long_steps: tuple[int, int] = (20, 90),
+    ops: tuple[str, ...] = OPS,
 ) -> list[dict[str, str]]:
     """``n`` distinct problems (no question repeated, none in ``exclude``).
 

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     # Train: short-to-medium chains (2-8 steps, ~35-105 response tokens) for CPU rollout budgets.
-    # Val/test: the same, plus one problem in eight with 20-76 steps (~270-1,000 tokens), so the
+    # Val/test: the same, plus one problem in eight with 20-90 steps (~230-1,000 tokens), so the
     # long-rollout length buckets are not empty.
-    long = {"long_frac": 0.125, "long_steps": (20, 76)}
+    long = {"long_frac": 0.125, "long_steps": (20, 90)}
     paths = write_splits(
         out / "toy", {"train": 512, "val": 64, "test": 128}, seed=args.seed,
         min_steps=2, max_steps=8, split_kw={"val": long, "test": long},

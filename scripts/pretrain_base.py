@@ -14,10 +14,15 @@ measures as the mean per-token KL(q_full || q_partial) on the reference traces o
 Greedy accuracy on the test split is the base model's score. Everything is written beside the model
 in ``pretrain.json``. Seeded: the same arguments give the same model (on the same torch build);
 ``--threads`` and ``--probe-every`` do not change the weights (greedy probes draw no random numbers).
-Status: not yet at the issue's bar. The defaults (1000 steps of 6144 tokens, ~11 min of training on
-two quiet cores) reached a final loss of 0.18 and 3.9% greedy test accuracy (target 20-60%), with the
-loss still falling fast; per position, the result's units digit (~1.1 nats) and the copied operation
-(~0.5) carry nearly all the loss, and the full view does not copy yet. No toy-base is committed.
+Measured (the defaults, seed 0, two quiet cores): 500 steps of 6144 tokens in ~7 min, 7.4 min wall
+with the evaluation; 44.5% greedy accuracy on the toy test split (every short problem's bucket;
+the 20-90-step problems all fail: labels past #32 never occur in training); KL(q_full || q_partial)
+0.18 nats/token, 0.20 on the tokens the partial view hides. The loss sits near 0.5 until step ~350
+and then falls to 0.06 as the units digits and the copies are learnt; accuracy rises with it (0% at
+step 350, 44% at 500, 84% on short val problems at step 600 of an 800-step run), so ``--steps`` is
+the knob that places the base in the 20-60% band. The full view does not beat the student on the
+reference trace (its NLL is higher): copying the example trace needs an induction head, which this
+budget does not grow, so the two views differ by what they condition on, not by copying.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from aropd.models import train_tiny_tokenizer
-from aropd.toy import make_problem, read_split
+from aropd.toy import OPS, STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
 from aropd.views import PromptTemplate, partial_view, render
 
 VIEWS = ("student", "full", "partial")
@@ -47,11 +52,14 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
 def train_toy_tokenizer(texts: list[str], vocab_size: int = 512) -> Any:
-    """Byte-level BPE with every digit its own token (arithmetic stays digit-wise), plus chat template.
+    """Byte-level BPE with every digit its own token (arithmetic stays digit-wise), plus chat template;
+    step labels and operations are single tokens (``aropd.toy.STEP_TOKENS``).
 
     Saved with ``save_pretrained`` and reloaded with ``AutoTokenizer`` it gives the same ids.
     """
-    return train_tiny_tokenizer(texts, vocab_size, split_digits=True)
+    tok = train_tiny_tokenizer(texts, vocab_size, split_digits=True)
+    tok.add_tokens(STEP_TOKENS)
+    return tok
 
 
 def build_model(tok: Any, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int) -> Any:
@@ -109,16 +117,17 @@ class ProblemStream:
     """
 
     def __init__(
-        self, seed: int, min_steps: int, max_steps: int, long_frac: float, long_steps: tuple[int, int], exclude: set[str]
+        self, seed: int, min_steps: int, max_steps: int, long_frac: float, long_steps: tuple[int, int], exclude: set[str],
+        ops: tuple[str, ...] = OPS,
     ):
-        self.rng, self.exclude = random.Random(seed), exclude
+        self.rng, self.exclude, self.ops = random.Random(seed), exclude, ops
         self.min_steps, self.max_steps = min_steps, max_steps
         self.long_frac, self.long_steps = long_frac, long_steps
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         while True:
             lo, hi = self.long_steps if self.rng.random() < self.long_frac else (self.min_steps, self.max_steps)
-            p = make_problem(self.rng, self.rng.randint(lo, hi))
+            p = make_problem(self.rng, self.rng.randint(lo, hi), self.ops)
             if p["question"] not in self.exclude:
                 yield p
 
@@ -288,7 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--partial-ratio", type=float, default=0.5)
     g.add_argument("--tokenizer-problems", type=int, default=2000)
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--steps", type=int, default=500)
     g.add_argument("--batch-tokens", type=int, default=6144, help="padded tokens per batch")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=int, default=100)
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> Result:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    template = PromptTemplate()
+    template = TOY_TEMPLATE
     splits = {s: read_split(Path(args.splits) / f"{s}.jsonl") for s in ("train", "val", "test")}
     exclude = {r["question"] for rows in splits.values() for r in rows}
     stream = iter(

@@ -239,7 +239,8 @@ def fit_run(tmp_path_factory):
     os.chdir(ROOT)
     try:
         cli = main([
-            "fit", "--config", "configs/quickstart.yaml", "--config", "configs/diagnostics.yaml",
+            "fit", "--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml",
+            "--config", "configs/diagnostics.yaml",
             "--config", str(loose), "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
             "--trainer.default_root_dir", str(tmp), "--data.init_args.val_benchmarks", "[{name: toy, limit: 8}]",
         ])

@@ -9,6 +9,7 @@ from aropd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
+TINY_CONF = ROOT / "tests" / "conf" / "tiny.yaml"  # the quickstart with the tiny random model: fits in seconds
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -35,7 +36,7 @@ def test_method_preset_composes(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "method: full_opd" in out
     # The tokenizer follows the student: one value, linked.
-    assert "student: aropd/assets/tiny-llama" in out
+    assert "student: aropd/assets/toy-base" in out and "tokenizer: aropd/assets/toy-base" in out
 
 
 def test_python_dash_m_lists_subcommands():
@@ -44,7 +45,7 @@ def test_python_dash_m_lists_subcommands():
 
 
 def _fit(tmp_path, *extra):
-    cli = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+    cli = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(TINY_CONF),
                 "--trainer.default_root_dir", str(tmp_path), *extra])
     return Path(cli.trainer.log_dir)
 

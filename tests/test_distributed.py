@@ -136,7 +136,7 @@ def test_sharded_loss_gradients_ema_and_synced_generate_equal_unsharded(tmp_path
 
 def fit_cmd(root: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "aropd", "fit", "--config", "configs/quickstart.yaml",
+        sys.executable, "-m", "aropd", "fit", "--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml",
         "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
         "--trainer.default_root_dir", str(root),
         "--model.init_args.sampling.max_new_tokens", "16",
@@ -222,7 +222,8 @@ def test_fsdp_two_processes_match_one_process_through_a_kill_and_resume_and_vali
     from aropd.cli import main
 
     monkeypatch.chdir(ROOT)
-    cli = main(["validate", "--config", "configs/quickstart.yaml", "--config", "configs/suites/toy.yaml",
+    cli = main(["validate", "--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml",
+                "--config", "configs/suites/toy.yaml",
                 "--trainer.default_root_dir", str(tmp_path / "val"),
                 "--ckpt_path", str(ckpt), "--data.init_args.val_benchmarks", "[{name: toy, limit: 4}]",
                 "--model.init_args.val_max_new_tokens", "4"])

@@ -520,7 +520,8 @@ def test_aropd_fit_reads_the_output(tmp_path, monkeypatch):
         paths.append(str(tmp_path / source / "train.jsonl"))
     monkeypatch.chdir(ROOT)  # the configs name repository paths
     run_cli = cli.main([
-        "fit", "--config", "configs/quickstart.yaml", "--config", "configs/data/math.yaml",
+        "fit", "--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml",
+        "--config", "configs/data/math.yaml",
         "--data.init_args.train", json.dumps(paths), "--data.init_args.batch_size", "4",
         "--data.init_args.val_benchmarks", "[]", "--model.init_args.sampling.max_new_tokens", "100",
         "--trainer.max_steps", "2", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aropd.toy import make_split, read_split, write_splits
-from aropd.views import PromptTemplate, partial_view, render
+from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_split, read_split, write_splits
+from aropd.views import partial_view, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory):
 
 def _unigram_entropy(tok, problems) -> float:
     """Entropy (nats) of the response-token frequencies: the best loss of a model that ignores context."""
-    t = PromptTemplate()
+    t = TOY_TEMPLATE
     counts = Counter(i for p in problems for i in pb.response_ids(tok, t, p))
     n = sum(counts.values())
     return -sum(c / n * math.log(c / n) for c in counts.values())
@@ -72,15 +72,18 @@ def test_outputs_reload_with_identical_logits_and_ids(tiny_run):
     model_dir = root / "model"
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    t = PromptTemplate()
+    t = TOY_TEMPLATE
     p = read_split(root / "toy" / "test.jsonl")[0]
-    texts = [p["question"], t.format_trace(p["reasoning"], p["answer"]), t.system, "Start at 07. 123+45=168."]
+    texts = [p["question"], t.format_trace(p["reasoning"], p["answer"]), t.teacher_user, "#12 +7 on 07. 123+45=168."]
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert ids == result.tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
     # Digits are single tokens, so arithmetic stays digit-wise.
     assert tok.convert_ids_to_tokens(tok("1234", add_special_tokens=False)["input_ids"]) == list("1234")
+    # Step labels and operations are one token each, so "which operation is next" is a one-token match.
+    pieces = tok.convert_ids_to_tokens(tok("#7 -3 on 05=02. #12 +9 on 02=11.", add_special_tokens=False)["input_ids"])
+    assert {"#7", "#12"} <= set(pieces) and sum(p in STEP_TOKENS for p in pieces) == 4
     for msgs in (t.student_messages(p["question"]), t.teacher_messages(p["question"], p["reasoning"], p["answer"])):
         assert render(tok, msgs) == render(result.tokenizer, msgs)
     assert tok.eos_token == "<|end|>" and tok.eos_token_id == result.tokenizer.eos_token_id
@@ -109,7 +112,7 @@ def test_report_is_written_and_consistent(tiny_run):
 
 def test_kl_matches_a_direct_computation(tiny_run):
     root, result = tiny_run
-    tok, model, t = result.tokenizer, result.model.eval(), PromptTemplate()
+    tok, model, t = result.tokenizer, result.model.eval(), TOY_TEMPLATE
     problems = read_split(root / "toy" / "test.jsonl")[:3]
     got = pb.view_divergence(model, tok, t, problems, 0.5, batch_size=2)
     total, n = 0.0, 0

@@ -57,7 +57,7 @@ def tiny_sweep(tmp_path: Path, *extra: str) -> list[str]:
         train.write_text("".join((ROOT / "aropd/assets/toy/train.jsonl").read_text().splitlines(keepends=True)[:8]))
     return [
         "--name", "grid", "--root", str(tmp_path / "runs"), "--config", str(ROOT / "configs/quickstart.yaml"),
-        "--grid", "model.init_args.lam=0.6,1.2", "--grid", "data.init_args.partial_ratio=0.25,0.75",
+        "--config", str(ROOT / "tests/conf/tiny.yaml"), "--grid", "model.init_args.lam=0.6,1.2", "--grid", "data.init_args.partial_ratio=0.25,0.75",
         "--set", "trainer.max_steps=2", "--set", "trainer.val_check_interval=2", "--set", "trainer.callbacks=[]",
         "--set", "trainer.enable_progress_bar=false", "--set", "trainer.enable_model_summary=false",
         "--set", f"data.init_args.train=[{train}]", "--set", "data.init_args.batch_size=4",

@@ -26,17 +26,17 @@ from aropd.views import partial_view
 
 ASSETS = Path(__file__).resolve().parents[1] / "aropd" / "assets" / "toy"
 
-# Worked by hand: 98-2=96; 96*7=672 -> 72; 72+5=77; 77-9=68.
+# Worked by hand: 98-2=96; 96*7=672 -> 72; 72-2=70; 70*7=490 -> 90.
 HAND = {
-    "question": "Start at 98. Working mod 100, apply #1 -2, #2 *7, #3 +5, #4 -9. Result?",
-    "reasoning": "#1 -2 on 98=96. #2 *7 on 96=72. #3 +5 on 72=77. #4 -9 on 77=68.",
-    "answer": "68",
+    "question": "Working mod 100, apply -2 and *7 in turn from #4 down to #1, starting at 98.",
+    "reasoning": "#4 -2 on 98=96. #3 *7 on 96=72. #2 -2 on 72=70. #1 *7 on 70=90.",
+    "answer": "90",
 }
-# Two-digit values throughout: 03+9=12; 12*9=108 -> 08; 08-9=-1 -> 99.
+# Two-digit values throughout, wrapping both ways: 03-9=-6 -> 94; 94+9=103 -> 03; 03-9 -> 94.
 HAND_PADDED = {
-    "question": "Start at 03. Working mod 100, apply #1 +9, #2 *9, #3 -9. Result?",
-    "reasoning": "#1 +9 on 03=12. #2 *9 on 12=08. #3 -9 on 08=99.",
-    "answer": "99",
+    "question": "Working mod 100, apply -9 and +9 in turn from #3 down to #1, starting at 03.",
+    "reasoning": "#3 -9 on 03=94. #2 +9 on 94=03. #1 -9 on 03=94.",
+    "answer": "94",
 }
 
 
@@ -58,22 +58,38 @@ def test_every_operation_is_a_bijection_mod_100():
 
 
 def test_hand_problems_check_and_solve():
-    assert solve(HAND["question"]) == 68
-    assert parse_question(HAND["question"]) == (98, [("-", 2), ("*", 7), ("+", 5), ("-", 9)])
+    assert solve(HAND["question"]) == 90
+    assert parse_question(HAND["question"]) == (98, [("-", 2), ("*", 7), ("-", 2), ("*", 7)])
     assert check_reasoning(HAND) == []
-    assert solve(HAND_PADDED["question"]) == 99
+    assert solve(HAND_PADDED["question"]) == 94
     assert check_reasoning(HAND_PADDED) == []
-    assert check_reasoning({**HAND_PADDED, "reasoning": HAND_PADDED["reasoning"].replace("=08", "=8")})
+    assert check_reasoning({**HAND_PADDED, "reasoning": HAND_PADDED["reasoning"].replace("=03", "=3")})
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Working mod 100, apply -2 and *7 in turn from #4 down to #1, starting at 8.",  # one digit
+        "Working mod 10, apply -2 and *7 in turn from #4 down to #1, starting at 98.",  # modulus
+        "Working mod 100, apply -2 and *5 in turn from #4 down to #1, starting at 98.",  # not a bijection
+        "Working mod 100, apply -2 and *7 in turn from #0 down to #1, starting at 98.",  # no steps
+        "Working mod 100, apply -2, *7 in turn from #4 down to #1, starting at 98.",
+    ],
+)
+def test_parse_question_rejects_malformed(question):
+    with pytest.raises(ValueError, match="toy question|bad operation"):
+        parse_question(question)
 
 
 @pytest.mark.parametrize(
     "field, value, complaint",
     [
-        ("answer", "67", "answer"),
-        ("reasoning", "#1 -2 on 98=96. #2 *7 on 96=73. #3 +5 on 73=78. #4 -9 on 78=69.", "step 2"),  # a slip
-        ("reasoning", "#1 -2 on 98=96. #2 *7 on 96=72. #3 +5 on 72=77.", "3 steps"),
-        ("reasoning", "#1 -2 on 98=96. #3 *7 on 96=72. #2 +5 on 72=77. #4 -9 on 77=68.", "step 2"),
-        ("reasoning", "#1 -2 on 98=96. #2 +7 on 96=03. #3 +5 on 03=08. #4 -9 on 08=99.", "step 2"),  # wrong op
+        ("answer", "91", "answer"),
+        ("reasoning", "#4 -2 on 98=96. #3 *7 on 96=73. #2 -2 on 73=71. #1 *7 on 71=97.", "step 2"),  # a slip
+        ("reasoning", "#4 -2 on 98=96. #3 *7 on 96=72. #2 -2 on 72=70.", "3 steps"),
+        ("reasoning", "#4 -2 on 98=96. #2 *7 on 96=72. #3 -2 on 72=70. #1 *7 on 70=90.", "step 2"),  # labels
+        ("reasoning", "#1 -2 on 98=96. #2 *7 on 96=72. #3 -2 on 72=70. #4 *7 on 70=90.", "step 1"),  # counts up
+        ("reasoning", "#4 -2 on 98=96. #3 +7 on 96=03. #2 -2 on 03=01. #1 *7 on 01=07.", "step 2"),  # wrong op
         ("answer", "99", "answer"),
     ],
 )
@@ -101,14 +117,14 @@ def test_determinism_by_seed(tmp_path):
         assert a[split].read_bytes() != c[split].read_bytes()
     # Fixed value for seed 0 (a change here changes every committed split: regenerate them).
     assert make_problem(random.Random(0), 3) == {
-        "question": "Start at 49. Working mod 100, apply #1 -1, #2 -9, #3 -7. Result?",
-        "reasoning": "#1 -1 on 49=48. #2 -9 on 48=39. #3 -7 on 39=32.",
-        "answer": "32",
+        "question": "Working mod 100, apply -1 and -9 in turn from #3 down to #1, starting at 49.",
+        "reasoning": "#3 -1 on 49=48. #2 -9 on 48=39. #1 -1 on 39=38.",
+        "answer": "38",
     }
 
 
 def test_splits_are_disjoint_and_exclude_is_honoured(tmp_path):
-    # Short chains collide often (1 step: only 100 * 21 questions), so disjointness is really exercised.
+    # Short chains collide often (1 step: only 100 * 18 * 18 questions), and the exclusion logic is exercised.
     paths = write_splits(tmp_path, {"train": 600, "val": 300, "test": 300}, seed=0, min_steps=1, max_steps=1)
     qs = {s: [r["question"] for r in read_split(p)] for s, p in paths.items()}
     for s, rows in qs.items():
@@ -131,9 +147,9 @@ def test_length_knob_is_monotone():
         lengths.append(statistics.mean(len(r["reasoning"]) for r in rows))
     assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)
     assert [approx_response_tokens(s) for s in range(1, 100)] == sorted(approx_response_tokens(s) for s in range(1, 100))
-    assert approx_response_tokens(76) == 999  # the knob reaches ~1,000-token traces
-    assert steps_for_tokens(1000) == 76
-    for s in (2, 8, 40, 76):
+    assert approx_response_tokens(90) == 1003  # the knob reaches ~1,000-token traces
+    assert steps_for_tokens(1000) == 89
+    for s in (2, 8, 40, 90):
         assert steps_for_tokens(approx_response_tokens(s)) == s
 
 
@@ -147,8 +163,8 @@ def test_long_fraction_of_a_split():
 def test_partial_view_hides_the_late_values():
     # The privileged gap: the half view keeps the early steps and drops the late results.
     kept = partial_view(HAND["reasoning"], 0.5)
-    assert kept.startswith("#1 -2 on 98=96. #2 *7 on 96=72.")
-    assert "=68" not in kept and "=77" not in kept
+    assert kept == "#4 -2 on 98=96. #3 *7 on 96=72."
+    assert "=70" not in kept and "=90" not in kept
 
 
 def test_committed_splits():
@@ -160,8 +176,9 @@ def test_committed_splits():
             assert check_reasoning(r) == [], r
     qs = {s: {r["question"] for r in rows} for s, rows in splits.items()}
     assert not (qs["train"] & qs["val"] or qs["train"] & qs["test"] or qs["val"] & qs["test"])
-    # Train is short-to-medium; val/test also hold a few long problems (> 256 response tokens).
+    # Train is short-to-medium; val/test also hold one problem in eight of 20-90 steps (230-1,000 tokens).
     assert max(r["reasoning"].count("#") for r in splits["train"]) <= 8
     for s in ("val", "test"):
-        n_long = sum(approx_response_tokens(r["reasoning"].count("#")) > 256 for r in splits[s])
+        n_long = sum(r["reasoning"].count("#") >= 20 for r in splits[s])
         assert n_long == len(splits[s]) // 8
+        assert max(r["reasoning"].count("#") for r in splits[s]) <= 90

@@ -15,7 +15,7 @@ FIX = ROOT / "tests" / "fixtures" / "benchmarks"
 
 def _validate(tmp_path, suite):
     cli = main([
-        "validate", "--config", str(ROOT / "configs/quickstart.yaml"),
+        "validate", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "tests/conf/tiny.yaml"),
         "--trainer.default_root_dir", str(tmp_path), "--model.init_args.val_max_new_tokens", "12",
         "--data.init_args.val_benchmarks", json.dumps(suite),
     ])
