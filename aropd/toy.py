@@ -55,9 +55,10 @@ OPS = ("+", "-")  # the committed splits (see the module docstring)
 # One token each for the step labels and the operations (see the module docstring).
 MAX_LABEL = 99
 STEP_TOKENS = [f"#{i}" for i in range(1, MAX_LABEL + 1)] + [f" {o}{k}" for o in OPS for k in OPERANDS[o]]
-# Response length in toy-base tokens: trace tags, answer and EOS, plus 11 per step (label, op,
-# " on", " ", 2 digits, "=", 2 digits, ".", " "), minus the space after the last step.
-_TOKENS_BASE, _TOKENS_PER_STEP = 13, 11
+# Response length in toy-base tokens (exact; tests/test_pretrain.py checks it): 11 per step (label,
+# op, " on", " ", 2 digits, "=", 2 digits, ".", " ") and 12 for the tags, the answer and EOS, less
+# the last step's space and its "." that merges into ".</".
+_TOKENS_BASE, _TOKENS_PER_STEP = 12, 11
 
 # No system message and a one-line instruction: on a tiny model every prompt token is compute that
 # teaches nothing (the loss is on the response), and the generic wording was half of each example.

