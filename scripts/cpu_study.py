@@ -126,9 +126,8 @@ class StudyRun:
 
 
 def common_sets(a: argparse.Namespace) -> dict[str, str]:
-    bench = {"name": BENCH, "data_path": a.test_data}
-    if a.val_limit:
-        bench["limit"] = a.val_limit
+    # limit always explicit: a missing key would keep the base config's (the quickstart's 64)
+    bench = {"name": BENCH, "data_path": a.test_data, "limit": a.val_limit or None}
     s = {
         "model.init_args.student": a.model,
         "data.init_args.val_benchmarks": json.dumps([bench]),
@@ -155,7 +154,10 @@ def plan(a: argparse.Namespace) -> list[StudyRun]:
         seeds = a.seeds if m.trains else a.seeds[:1]  # Base: greedy validation, the seed changes nothing
         for seed in seeds:
             d = root / m.name / f"seed{seed}"
+            # seed_everything alone does not reach the rollout streams or the data order: set all three
             sets = {**common_sets(a), **m.sets, "seed_everything": str(seed)}
+            if m.trains:
+                sets.update({"model.init_args.seed": str(seed), "data.init_args.seed": str(seed)})
             configs = [a.base_config] + ([m.config] if m.config else [])
             args = sweep.fit_args(configs, sets, {}, d)[:-2]  # no `--ckpt_path last`: short runs, no checkpoints
             runs.append(StudyRun(m, seed, d, "fit" if m.trains else "validate", args))
