@@ -5,7 +5,7 @@
     python scripts/bench_step.py --processes 1 2                # FSDP2 over gloo: tokens/s, peak RSS per process
     python scripts/bench_step.py --loss-memory                  # chunked vs. unchunked loss at a 150k vocabulary
 
-Each method runs in its own process (so peak RSS is its own) on the quickstart's tiny model.
+Each method runs in its own process (so peak RSS is its own) on the tests' tiny random model.
 Figures are medians over the measured steps; the machine is shared, so compare ratios in one run.
 
 ``--diagnostics`` compares, on ``ar_opd`` with a TensorBoard logger and logging every step, "off"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run AR-OPD on the quickstart (tiny offline model, toy task) and say where the logs are.
+# Set up, then run AR-OPD on the quickstart (the committed toy base model, toy task) and say where the logs are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,5 +1,6 @@
 """Rollout engines (generate vs the lean decode loop) and generation windows (one call, several micro-batches)."""
 
+import json
 import math
 
 import lightning as L
@@ -36,9 +37,14 @@ def model(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny_path):
+def prompts(tiny_path, tmp_path_factory):
     """12 left-padded student prompts of different lengths."""
-    dm = PrivilegedDataModule(tokenizer=tiny_path, batch_size=12)
+    train = tmp_path_factory.mktemp("prompts") / "train.jsonl"
+    train.write_text("".join(
+        json.dumps({"question": "Add " + " and ".join(["7"] * k) + ".", "reasoning": f"{k} sevens.", "answer": str(7 * k)})
+        + "\n" for k in range(1, 13)
+    ))
+    dm = PrivilegedDataModule(train=[str(train)], tokenizer=tiny_path, batch_size=12)
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
     lengths = b.student_mask.sum(-1)
