@@ -39,6 +39,7 @@ import importlib.util
 import json
 import math
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             if is_done(r) and not a.force:
                 print(f"{tag}: finished, skipped", flush=True)
                 continue
-            (r.dir / "DONE").unlink(missing_ok=True)
+            # A fresh folder: a stale run's TensorBoard events would mix into this run's means.
+            shutil.rmtree(r.dir, ignore_errors=True)
             start = time.time()
             rc = launch(r, a.launch)
             seconds = round(time.time() - start, 1)
