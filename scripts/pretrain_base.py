@@ -1,436 +1,64 @@
-"""Pretrain the toy base model from scratch: a small Llama and its tokenizer, on the toy task.
+#!/usr/bin/env python
+"""Pretrain the toy base model from scratch (aropd.experiments.pretrain): a small Llama and its
+tokenizer on the toy task, with its test accuracy and KL(q_full || q_partial) in ``pretrain.json``.
 
     python scripts/pretrain_base.py --out aropd/assets/toy-base
 
-The model learns three formats of the same worked solutions (loss on the response only):
-
-* **student**: the student prompt (question alone) -> trace + EOS, so it can solve toy problems;
-* **full view**: a teacher prompt with the whole reference trace in context -> trace + EOS;
-* **partial view**: a teacher prompt with the first ``--partial-ratio`` of the reasoning and the
-  answer -> trace + EOS, so the late values must be computed, not copied.
-
-So the two teacher views really differ where hindsight helps (the late values), which the script
-measures as the mean per-token KL(q_full || q_partial) on the reference traces of the test split.
-Greedy accuracy on the test split is the base model's score. Everything is written beside the model
-in ``pretrain.json``. Seeded: the same arguments give the same model (on the same torch build);
-``--threads`` and ``--probe-every`` do not change the weights (greedy probes draw no random numbers).
-Measured (the defaults, seed 0, two quiet cores): 500 steps of 6144 tokens in 7.7 min, 8.0 min wall
-with the evaluation; 44.5% greedy accuracy on the toy test split (every short problem's bucket;
-the 20-90-step problems all fail: labels past #32 never occur in training); KL(q_full || q_partial)
-0.18 nats/token, 0.20 on the tokens the partial view hides. The loss sits near 0.5 until step ~350
-and then falls to 0.06 as the units digits and the copies are learnt; accuracy rises with it (0% at
-step 350, 44% at 500, 84% on short val problems at step 600 of an 800-step run), so ``--steps`` is
-the knob that places the base in the 20-60% band. The full view does not beat the student on the
-reference trace (its NLL is higher): copying the example trace needs an induction head, which this
-budget does not grow, so the two views differ by what they condition on, not by copying.
+With no arguments it reproduces the committed ``aropd/assets/toy-base`` (about 8 minutes on two cores).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import random
-import re
 import sys
-import time
-from pathlib import Path
-from typing import Any, Iterator, NamedTuple
 
-import torch
-import torch.nn.functional as F
-
-from aropd.models import train_tiny_tokenizer
-from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
-from aropd.views import PromptTemplate, partial_view, render
-
-VIEWS = ("student", "full", "partial")
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+from aropd.experiments.pretrain import PretrainArgs, Result, pretrain
 
 
-# --------------------------------------------------------------------------------------------- model
-
-
-def train_toy_tokenizer(texts: list[str], vocab_size: int = 512) -> Any:
-    """Byte-level BPE with every digit its own token (arithmetic stays digit-wise), plus chat template;
-    step labels and operations are single tokens (``aropd.toy.STEP_TOKENS``).
-
-    Saved with ``save_pretrained`` and reloaded with ``AutoTokenizer`` it gives the same ids.
-    """
-    tok = train_tiny_tokenizer(texts, vocab_size, split_digits=True)
-    tok.add_tokens(STEP_TOKENS)
-    return tok
-
-
-def build_model(tok: Any, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def prompt_ids(tok: Any, template: PromptTemplate, problem: dict[str, str], view: str, ratio: float) -> list[int]:
-    q, r, a = problem["question"], problem["reasoning"], problem["answer"]
-    if view == "student":
-        return render(tok, template.student_messages(q))
-    if view == "full":
-        return render(tok, template.teacher_messages(q, r, a))
-    if view == "partial":
-        return render(tok, template.teacher_messages(q, partial_view(r, ratio), a))
-    raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-
-
-def response_ids(tok: Any, template: PromptTemplate, problem: dict[str, str]) -> list[int]:
-    """The reference trace followed by EOS, as the student would emit it after the prompt."""
-    trace = template.format_trace(problem["reasoning"], problem["answer"])
-    return tok(trace, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-
-
-def encode(tok: Any, template: PromptTemplate, problem: dict[str, str], view: str, ratio: float):
-    p, r = prompt_ids(tok, template, problem, view, ratio), response_ids(tok, template, problem)
-    return p + r, [-100] * len(p) + r
-
-
-class ProblemStream:
-    """Seeded endless stream of training problems, none of whose questions is in ``exclude``.
-
-    Step counts are uniform on ``[min_steps, max_steps]``, except a ``long_frac`` share drawn from
-    ``long_steps`` so the model also sees traces of a few hundred tokens.
-    """
-
-    def __init__(
-        self, seed: int, min_steps: int, max_steps: int, long_frac: float, long_steps: tuple[int, int], exclude: set[str]
-    ):
-        self.rng, self.exclude = random.Random(seed), exclude
-        self.min_steps, self.max_steps = min_steps, max_steps
-        self.long_frac, self.long_steps = long_frac, long_steps
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        while True:
-            lo, hi = self.long_steps if self.rng.random() < self.long_frac else (self.min_steps, self.max_steps)
-            p = make_problem(self.rng, self.rng.randint(lo, hi))
-            if p["question"] not in self.exclude:
-                yield p
-
-
-def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
-    n = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
-
-
-def batches(examples: Iterator[tuple[list[int], list[int]]], rng: random.Random, max_tokens: int, pool: int):
-    """Length-bucketed batches of at most ``max_tokens`` (padded) tokens, shuffled within each pool."""
-    while True:
-        chunk = sorted((next(examples) for _ in range(pool)), key=lambda e: len(e[0]))
-        out, cur = [], []
-        for ex in chunk:
-            if cur and (len(cur) + 1) * len(ex[0]) > max_tokens:
-                out.append(cur)
-                cur = []
-            cur.append(ex)
-        out.append(cur)
-        rng.shuffle(out)
-        yield from out
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    ids = pad_right([e[0] for e in batch], pad_id)
-    labels = pad_right([e[1] for e in batch], -100)
-    mask = pad_right([[1] * len(e[0]) for e in batch], 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the response tokens of the batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
-
-
-# ---------------------------------------------------------------------------------------- evaluation
-
-
-def extract_answer(text: str) -> int | None:
-    m = _ANSWER.search(text)
-    try:
-        return int(m.group(1).strip()) if m else None
-    except ValueError:
-        return None
-
-
-@torch.no_grad()
-def greedy_accuracy(
-    model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], batch_size: int = 16
-) -> dict[str, Any]:
-    """Greedy ``model.generate`` on each question; exact integer match of the ``<answer>``."""
-    model.eval()
-    order = sorted(range(len(problems)), key=lambda i: len(problems[i]["reasoning"]))
-    correct, lengths = [False] * len(problems), [0] * len(problems)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        prompts = [prompt_ids(tok, template, problems[i], "student", 1.0) for i in idx]
-        budget = max(len(response_ids(tok, template, problems[i])) for i in idx) * 5 // 4 + 16
-        n = max(map(len, prompts))
-        ids = torch.tensor([[tok.pad_token_id] * (n - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )[:, n:].tolist()
-        for i, seq in zip(idx, out):
-            seq = seq[: seq.index(tok.eos_token_id) + 1] if tok.eos_token_id in seq else seq
-            lengths[i] = len(seq)
-            correct[i] = extract_answer(tok.decode(seq, skip_special_tokens=True)) == int(problems[i]["answer"])
-    buckets: dict[str, list[int]] = {}
-    for c, n_tok in zip(correct, lengths):
-        lo = min(n_tok // 256 * 256, 1024)
-        b = buckets.setdefault(f"len_{lo}_{lo + 256 if lo < 1024 else 'inf'}", [0, 0])
-        b[0] += int(c)
-        b[1] += 1
-    return {
-        "accuracy": sum(correct) / max(len(problems), 1),
-        "n": len(problems),
-        "mean_response_tokens": sum(lengths) / max(len(lengths), 1),
-        "by_length": {
-            k: {"accuracy": v[0] / v[1], "n": v[1]}
-            for k, v in sorted(buckets.items(), key=lambda kv: int(kv[0].split("_")[1]))
-        },
-    }
-
-
-def _response_logprobs(model: Any, seqs: list[list[int]], starts: list[int], pad_id: int) -> list[torch.Tensor]:
-    """Log-probs (fp32, full vocabulary) predicting each token from ``starts[i]`` on: ``[len - start, V]``."""
-    ids = pad_right(seqs, pad_id)
-    mask = pad_right([[1] * len(s) for s in seqs], 0)
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    return [torch.log_softmax(logits[i, st - 1 : len(s) - 1], -1) for i, (s, st) in enumerate(zip(seqs, starts))]
-
-
-@torch.no_grad()
-def view_divergence(
-    model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], ratio: float, batch_size: int = 8
-) -> dict[str, float]:
-    """Mean per-token KL(q_full || q_partial) on the reference responses (plain torch).
-
-    Also split into response tokens that the partial view shows (the kept reasoning) and those it
-    hides, and the reference-token NLL of each view and of the student prompt.
-    """
-    model.eval()
-    kl_all, kl_shown, kl_hidden, n_shown, n_hidden, nll = 0.0, 0.0, 0.0, 0, 0, {v: 0.0 for v in VIEWS}
-    n_tok = 0
-    open_tag = template.trace.split("{reasoning}")[0]
-    for s in range(0, len(problems), batch_size):
-        chunk = problems[s : s + batch_size]
-        resp = [response_ids(tok, template, p) for p in chunk]
-        lp = {}
-        for v in VIEWS:
-            prompts = [prompt_ids(tok, template, p, v, ratio) for p in chunk]
-            seqs = [p + r for p, r in zip(prompts, resp)]
-            lp[v] = _response_logprobs(model, seqs, [len(p) for p in prompts], tok.pad_token_id)
-        for j, (p, r) in enumerate(zip(chunk, resp)):
-            target = torch.tensor(r)
-            for v in VIEWS:
-                nll[v] += -lp[v][j].gather(-1, target[:, None]).sum().item()
-            kl = (lp["full"][j].exp() * (lp["full"][j] - lp["partial"][j])).sum(-1)
-            trace = template.format_trace(p["reasoning"], p["answer"])
-            offsets = tok(trace, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            cut = len(open_tag) + len(partial_view(p["reasoning"], ratio))
-            hidden = torch.tensor([cut <= a < len(open_tag) + len(p["reasoning"]) for a, _ in offsets] + [False])
-            kl_all += kl.sum().item()
-            kl_hidden += kl[hidden].sum().item()
-            kl_shown += kl[~hidden].sum().item()
-            n_hidden += int(hidden.sum())
-            n_shown += int((~hidden).sum())
-            n_tok += len(r)
-    return {
-        "kl_full_partial_per_token": kl_all / n_tok,
-        "kl_full_partial_hidden_tokens": kl_hidden / max(n_hidden, 1),
-        "kl_full_partial_shown_tokens": kl_shown / max(n_shown, 1),
-        "hidden_token_fraction": n_hidden / n_tok,
-        **{f"nll_{v}_per_token": nll[v] / n_tok for v in VIEWS},
-        "tokens": n_tok,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- main
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--out", default="aropd/assets/toy-base")
-    p.add_argument("--splits", default="aropd/assets/toy", help="{train,val,test}.jsonl; none is trained on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+def parse_args(argv: list[str] | None) -> PretrainArgs:
+    d = PretrainArgs()  # the defaults live in the dataclass, so the committed run's args are its defaults
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--splits", default=d.splits, help="{train,val,test}.jsonl; none is trained on")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads)
     g = p.add_argument_group("model")
-    g.add_argument("--hidden", type=int, default=192)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=6)
-    g.add_argument("--intermediate", type=int, default=512)
-    g.add_argument("--vocab-size", type=int, default=512)
-    g.add_argument("--max-positions", type=int, default=4096)
+    g.add_argument("--hidden", type=int, default=d.hidden)
+    g.add_argument("--layers", type=int, default=d.layers)
+    g.add_argument("--heads", type=int, default=d.heads)
+    g.add_argument("--intermediate", type=int, default=d.intermediate)
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    g.add_argument("--max-positions", type=int, default=d.max_positions)
     g = p.add_argument_group("data")
-    g.add_argument("--min-steps", type=int, default=1)
-    g.add_argument("--max-steps", type=int, default=12)
-    g.add_argument("--long-frac", type=float, default=0.05, help="share of training problems drawn from --long-steps")
-    g.add_argument("--long-steps", type=int, nargs=2, default=(13, 32))
-    g.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.25, 0.25), metavar=("STUDENT", "FULL", "PARTIAL"))
-    g.add_argument("--partial-ratio", type=float, default=0.5)
-    g.add_argument("--tokenizer-problems", type=int, default=2000)
+    g.add_argument("--min-steps", type=int, default=d.min_steps)
+    g.add_argument("--max-steps", type=int, default=d.max_steps)
+    g.add_argument("--long-frac", type=float, default=d.long_frac, help="share of training problems drawn from --long-steps")
+    g.add_argument("--long-steps", type=int, nargs=2, default=d.long_steps)
+    g.add_argument("--mix", type=float, nargs=3, default=d.mix, metavar=("STUDENT", "FULL", "PARTIAL"))
+    g.add_argument("--partial-ratio", type=float, default=d.partial_ratio)
+    g.add_argument("--tokenizer-problems", type=int, default=d.tokenizer_problems)
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=500)
-    g.add_argument("--batch-tokens", type=int, default=6144, help="padded tokens per batch")
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--warmup", type=int, default=100)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="padded tokens per batch")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--warmup", type=int, default=d.warmup)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--log-every", type=int, default=d.log_every)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test problems (0: all)")
-    g.add_argument("--kl-limit", type=int, default=64, help="problems used for KL(full||partial) (0: all)")
-    g.add_argument("--eval-batch", type=int, default=16)
-    g.add_argument(
-        "--probe-every", type=int, default=0, help="greedy accuracy on --probe-size short val problems every N steps"
-    )
-    g.add_argument("--probe-size", type=int, default=32)
-    return p.parse_args(argv)
-
-
-class Result(NamedTuple):
-    model: Any
-    tokenizer: Any
-    report: dict[str, Any]
+    g.add_argument("--eval-limit", type=int, default=d.eval_limit, help="evaluate on the first N test problems (0: all)")
+    g.add_argument("--kl-limit", type=int, default=d.kl_limit, help="problems used for KL(full||partial) (0: all)")
+    g.add_argument("--eval-batch", type=int, default=d.eval_batch)
+    g.add_argument("--probe-every", type=int, default=d.probe_every,
+                   help="greedy accuracy on --probe-size short val problems every N steps")
+    g.add_argument("--probe-size", type=int, default=d.probe_size)
+    a = vars(p.parse_args(argv))
+    return PretrainArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
 
 
 def main(argv: list[str] | None = None) -> Result:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
-    template = TOY_TEMPLATE
-    splits = {s: read_split(Path(args.splits) / f"{s}.jsonl") for s in ("train", "val", "test")}
-    exclude = {r["question"] for rows in splits.values() for r in rows}
-    stream = iter(
-        ProblemStream(args.seed, args.min_steps, args.max_steps, args.long_frac, tuple(args.long_steps), exclude)
-    )
-
-    corpus_problems = [next(stream) for _ in range(args.tokenizer_problems)]
-    texts = [template.system, template.teacher_user] + [
-        p["question"] + "\n" + template.format_trace(p["reasoning"], p["answer"]) for p in corpus_problems
-    ]
-    tok = train_toy_tokenizer(texts, args.vocab_size)
-    model = build_model(tok, args.hidden, args.layers, args.heads, args.intermediate, args.max_positions)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M params, vocab {len(tok)}", flush=True)
-
-    data_rng = random.Random(args.seed + 1)
-
-    def examples():
-        for prob in stream:
-            view = data_rng.choices(VIEWS, weights=args.mix)[0]
-            yield encode(tok, template, prob, view, args.partial_ratio)
-
-    batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=256)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98),
-    )
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(args.steps - args.warmup, 1)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-    probe = [p for p in splits["val"] if len(p["reasoning"]) < 200][: args.probe_size]
-    model.train()
-    losses, log, examples_seen, t_train, c_train = [], [], 0, time.time(), time.process_time()
-    for step in range(args.steps):
-        batch = next(batch_iter)
-        examples_seen += len(batch)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        loss = response_loss(model, collate(batch, tok.pad_token_id))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
-            recent = sum(losses[-args.log_every :]) / len(losses[-args.log_every :])
-            log.append({"step": step + 1, "loss": round(recent, 4), "seconds": round(time.time() - t_train, 1)})
-            print(f"step {step + 1}/{args.steps} loss {recent:.4f} lr {lr_at(step):.2e} "
-                  f"examples {examples_seen} {time.time() - t_train:.0f}s", flush=True)
-        if args.probe_every and (step + 1) % args.probe_every == 0:
-            acc = greedy_accuracy(model, tok, template, probe, args.eval_batch)
-            log[-1]["probe_accuracy"] = acc["accuracy"]
-            print(f"  probe accuracy {acc['accuracy']:.3f} on {len(probe)} short val problems", flush=True)
-            model.train()
-    train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
-
-    t_eval = time.time()
-    test = splits["test"][: args.eval_limit or None]
-    acc = greedy_accuracy(model, tok, template, test, args.eval_batch)
-    acc_seconds = time.time() - t_eval
-    kl = view_divergence(model, tok, template, splits["test"][: args.kl_limit or None], args.partial_ratio)
-    eval_seconds = time.time() - t_eval
-    tail = losses[-args.log_every :]
-    report = {
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "seed": args.seed,
-        "params": n_params,
-        "vocab_size": len(tok),
-        "examples_seen": examples_seen,
-        "first_loss": losses[0],
-        "final_loss": sum(tail) / len(tail),
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu, 1),
-        "accuracy_seconds": round(acc_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "wall_seconds": round(time.time() - t0, 1),
-        "cpu_seconds": round(time.process_time(), 1),
-        "test": acc,
-        "views": kl,
-        "log": log,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "python": sys.version.split()[0],
-        },
-        "threads": args.threads,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "pretrain.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(
-        f"test accuracy {acc['accuracy']:.3f} (n={acc['n']}), "
-        f"KL(full||partial) {kl['kl_full_partial_per_token']:.4f} nats/token, "
-        f"train {train_seconds:.0f}s, wall {report['wall_seconds']:.0f}s -> {out}",
-        flush=True,
-    )
-    return Result(model, tok, report)
+    return pretrain(parse_args(argv))
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(0)

@@ -1,53 +1,49 @@
-"""scripts/pretrain_base.py: a tiny real run, its outputs on reload, and the committed toy-base model."""
+"""aropd.experiments.pretrain (scripts/pretrain_base.py): a tiny real run, its outputs on reload, and the
+committed toy-base model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from aropd.experiments import pretrain as pb
+from aropd.experiments.pretrain import PretrainArgs
 from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_split, read_split, write_splits
 from aropd.views import partial_view, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_base", ROOT / "scripts" / "pretrain_base.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pb = _load_script()
-
-TINY = [
-    "--hidden", "48", "--layers", "2", "--heads", "2", "--intermediate", "96", "--vocab-size", "320",
-    "--max-positions", "512", "--min-steps", "1", "--max-steps", "3", "--long-frac", "0",
-    "--tokenizer-problems", "300", "--steps", "120", "--batch-tokens", "2048", "--lr", "1e-2",
-    "--warmup", "10", "--log-every", "20", "--eval-batch", "8", "--kl-limit", "8",
+TINY = dict(
+    hidden=48, layers=2, heads=2, intermediate=96, vocab_size=320, max_positions=512, min_steps=1, max_steps=3,
+    long_frac=0.0, tokenizer_problems=300, steps=120, batch_tokens=2048, lr=1e-2, warmup=10, log_every=20,
+    eval_batch=8, kl_limit=8,
     # One thread: on a shared 2-core machine two OpenMP threads spin-wait and run several times slower.
-    "--threads", "1",
-]
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     write_splits(root / "toy", {"train": 16, "val": 16, "test": 12}, seed=5, min_steps=1, max_steps=3)
-    result = pb.main(TINY + ["--splits", str(root / "toy"), "--out", str(root / "model"), "--seed", "3"])
+    result = pb.pretrain(PretrainArgs(**TINY, splits=str(root / "toy"), out=str(root / "model"), seed=3))
     return root, result
+
+
+def response_ids(tok, problem) -> list[int]:
+    """The reference trace + EOS that the student is trained to emit after the prompt."""
+    return pb.example(tok, TOY_TEMPLATE, problem, 0.5).reference
 
 
 def _unigram_entropy(tok, problems) -> float:
     """Entropy (nats) of the response-token frequencies: the best loss of a model that ignores context."""
-    t = TOY_TEMPLATE
-    counts = Counter(i for p in problems for i in pb.response_ids(tok, t, p))
+    counts = Counter(i for p in problems for i in response_ids(tok, p))
     n = sum(counts.values())
     return -sum(c / n * math.log(c / n) for c in counts.values())
 
@@ -87,7 +83,13 @@ def test_outputs_reload_with_identical_logits_and_ids(tiny_run):
     for msgs in (t.student_messages(p["question"]), t.teacher_messages(p["question"], p["reasoning"], p["answer"])):
         assert render(tok, msgs) == render(result.tokenizer, msgs)
     assert tok.eos_token == "<|end|>" and tok.eos_token_id == result.tokenizer.eos_token_id
-    ids = torch.tensor([pb.encode(tok, t, p, "partial", 0.5)[0]])
+    # The response is the reference trace and EOS, after the prompt the view renders.
+    trace = tok(t.format_trace(p["reasoning"], p["answer"]), add_special_tokens=False)["input_ids"]
+    assert response_ids(tok, p) == trace + [tok.eos_token_id]
+    ids, labels = pb.encode(tok, t, p, "partial", 0.5)
+    prompt = render(tok, t.teacher_messages(p["question"], partial_view(p["reasoning"], 0.5), p["answer"]))
+    assert ids == prompt + trace + [tok.eos_token_id] and labels == [-100] * len(prompt) + trace + [tok.eos_token_id]
+    ids = torch.tensor([ids])
     result.model.eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
@@ -118,7 +120,7 @@ def test_kl_matches_a_direct_computation(tiny_run):
     total, n = 0.0, 0
     with torch.no_grad():
         for p in problems:
-            resp = pb.response_ids(tok, t, p)
+            resp = response_ids(tok, p)
             lps = []
             for reasoning in (p["reasoning"], partial_view(p["reasoning"], 0.5)):
                 prompt = render(tok, t.teacher_messages(p["question"], reasoning, p["answer"]))
@@ -155,8 +157,8 @@ def test_committed_toy_base_meets_the_bar_and_is_the_scripts_default_output():
     views = report["views"]
     assert views["kl_full_partial_per_token"] > 0.05
     assert views["kl_full_partial_hidden_tokens"] > views["kl_full_partial_shown_tokens"]
-    # Made by `python scripts/pretrain_base.py` with no arguments: its defaults reproduce it.
-    defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(pb.parse_args([])).items()}
+    # Made by `python scripts/pretrain_base.py` with no arguments: PretrainArgs' defaults reproduce it.
+    defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(PretrainArgs()).items()}
     assert report["args"] == defaults
 
 
@@ -169,7 +171,7 @@ def test_toy_base_tokenizer_gives_the_length_knobs_token_counts():
     rng = __import__("random").Random(0)
     for steps in (1, 2, 8, 20, 57, 90):
         p = make_problem(rng, steps)
-        assert len(pb.response_ids(tok, TOY_TEMPLATE, p)) == approx_response_tokens(steps), steps
+        assert len(response_ids(tok, p)) == approx_response_tokens(steps), steps
 
 
 @pytest.mark.slow

@@ -1,0 +1,444 @@
+"""Pretrain the toy base model from scratch: a small Llama and its tokenizer, on the toy task.
+
+The model learns three formats of the same worked solutions (loss on the response only):
+
+* **student**: the student prompt (question alone) -> trace + EOS, so it can solve toy problems;
+* **full view**: a teacher prompt with the whole reference trace in context -> trace + EOS;
+* **partial view**: a teacher prompt with the first ``partial_ratio`` of the reasoning and the
+  answer -> trace + EOS, so the late values must be computed, not copied.
+
+Prompts and the reference response are the training pipeline's own (``aropd.data.build_example``),
+so the base model sees exactly the token layout that distillation later feeds it. The two teacher
+views really differ where hindsight helps (the late values), which :func:`view_divergence` measures
+as the mean per-token KL(q_full || q_partial) on the reference traces of the test split. Greedy
+accuracy on the test split is the base model's score. Seeded: the same arguments give the same model
+(on the same torch build); ``threads`` and ``probe_every`` do not change the weights (greedy probes
+draw no random numbers).
+
+Measured (the defaults, seed 0, two quiet cores): 500 steps of 6144 tokens in 7.7 min, 8.0 min wall
+with the evaluation; 44.5% greedy accuracy on the toy test split (every short problem's bucket;
+the 20-90-step problems all fail: labels past #32 never occur in training); KL(q_full || q_partial)
+0.18 nats/token, 0.20 on the tokens the partial view hides. The loss sits near 0.5 until step ~350
+and then falls to 0.06 as the units digits and the copies are learnt; accuracy rises with it (0% at
+step 350, 44% at 500, 84% on short val problems at step 600 of an 800-step run), so ``steps`` is
+the knob that places the base in the 20-60% band. The full view does not beat the student on the
+reference trace (its NLL is higher): copying the example trace needs an induction head, which this
+budget does not grow, so the two views differ by what they condition on, not by copying.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from aropd.buckets import bucket_index, bucket_names
+from aropd.data import PrivilegedExample, build_example, pad
+from aropd.divergences import forward_kl
+from aropd.models import train_tiny_tokenizer
+from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
+from aropd.views import PromptTemplate, partial_view
+
+VIEWS = ("student", "full", "partial")  # the prompt fields of aropd.data.PrivilegedExample
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+@dataclass
+class PretrainArgs:
+    """Everything that sets the pretraining run (``pretrain.json`` records it as ``args``)."""
+
+    out: str = "aropd/assets/toy-base"
+    """Folder of the model, its tokenizer and ``pretrain.json``."""
+    splits: str = "aropd/assets/toy"
+    """Folder of ``{train,val,test}.jsonl``: none is trained on (their questions are excluded)."""
+    seed: int = 0
+    """Seed of the weights, the problem stream and the batch order."""
+    threads: int = 2
+    """torch intra-op threads (does not change the weights)."""
+    hidden: int = 192
+    """Hidden size."""
+    layers: int = 4
+    """Decoder layers."""
+    heads: int = 6
+    """Attention heads (as many key/value heads)."""
+    intermediate: int = 512
+    """MLP inner size."""
+    vocab_size: int = 512
+    """BPE vocabulary size before the step tokens are added."""
+    max_positions: int = 4096
+    """Longest sequence the model takes."""
+    min_steps: int = 1
+    """Fewest steps of a training problem."""
+    max_steps: int = 12
+    """Most steps of a training problem (outside the long share)."""
+    long_frac: float = 0.05
+    """Share of training problems drawn from ``long_steps``, so traces of a few hundred tokens occur."""
+    long_steps: tuple[int, int] = (13, 32)
+    """Step range of the long share."""
+    mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    """Weights of the student, full-view and partial-view formats."""
+    partial_ratio: float = 0.5
+    """Fraction of the reasoning the partial view shows."""
+    tokenizer_problems: int = 2000
+    """Problems the tokenizer is trained on."""
+    steps: int = 500
+    """Optimizer steps."""
+    batch_tokens: int = 6144
+    """Padded tokens per batch."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW)."""
+    warmup: int = 100
+    """Linear warm-up steps, then cosine to a tenth of the peak."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of the matrices (not of norms)."""
+    log_every: int = 50
+    """Steps per logged mean loss."""
+    eval_limit: int = 0
+    """Test problems of the greedy accuracy (0: all)."""
+    kl_limit: int = 64
+    """Test problems of KL(full || partial) (0: all)."""
+    eval_batch: int = 16
+    """Problems per greedy-generation batch."""
+    probe_every: int = 0
+    """Greedy accuracy on ``probe_size`` short val problems every this many steps (0: never)."""
+    probe_size: int = 32
+    """Short val problems of each probe."""
+
+
+class Result(NamedTuple):
+    model: Any
+    tokenizer: Any
+    report: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def train_toy_tokenizer(texts: list[str], vocab_size: int = 512) -> Any:
+    """Byte-level BPE with every digit its own token (arithmetic stays digit-wise), plus chat template;
+    step labels and operations are single tokens (``aropd.toy.STEP_TOKENS``).
+
+    Saved with ``save_pretrained`` and reloaded with ``AutoTokenizer`` it gives the same ids.
+    """
+    tok = train_tiny_tokenizer(texts, vocab_size, split_digits=True)
+    tok.add_tokens(STEP_TOKENS)
+    return tok
+
+
+def build_model(tok: Any, a: PretrainArgs) -> Any:
+    # Not aropd.models.build_tiny_llama: that one fixes the MLP at 4 x hidden and 2048 positions.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.heads,
+        max_position_embeddings=a.max_positions,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class _Uncut(NamedTuple):
+    # A budget for build_example that cuts nothing: every toy problem fits the model's positions whole.
+    partial_ratio: float
+    max_prompt_tokens: int = sys.maxsize
+    max_teacher_tokens: int = sys.maxsize
+    max_new_tokens: int = sys.maxsize
+
+
+def example(tok: Any, template: PromptTemplate, problem: dict[str, str], ratio: float) -> PrivilegedExample:
+    """The three prompts and the reference response (trace + EOS) of a problem, as training builds them."""
+    return build_example(tok, template, problem["question"], problem["reasoning"], problem["answer"], _Uncut(ratio))
+
+
+def encode(tok: Any, template: PromptTemplate, problem: dict[str, str], view: str, ratio: float):
+    """``(ids, labels)`` of one view's prompt followed by the reference; the loss is on the reference."""
+    ex = example(tok, template, problem, ratio)
+    prompt = getattr(ex, view)
+    return prompt + ex.reference, [-100] * len(prompt) + ex.reference
+
+
+class ProblemStream:
+    """Seeded endless stream of training problems, none of whose questions is in ``exclude``.
+
+    Step counts are uniform on ``[min_steps, max_steps]``, except a ``long_frac`` share drawn from
+    ``long_steps`` so the model also sees traces of a few hundred tokens.
+    """
+
+    def __init__(
+        self, seed: int, min_steps: int, max_steps: int, long_frac: float, long_steps: tuple[int, int], exclude: set[str]
+    ):
+        self.rng, self.exclude = random.Random(seed), exclude
+        self.min_steps, self.max_steps = min_steps, max_steps
+        self.long_frac, self.long_steps = long_frac, long_steps
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        while True:
+            lo, hi = self.long_steps if self.rng.random() < self.long_frac else (self.min_steps, self.max_steps)
+            p = make_problem(self.rng, self.rng.randint(lo, hi))
+            if p["question"] not in self.exclude:
+                yield p
+
+
+def batches(examples: Iterator[tuple[list[int], list[int]]], rng: random.Random, max_tokens: int, pool: int):
+    """Length-bucketed batches of at most ``max_tokens`` (padded) tokens, shuffled within each pool."""
+    while True:
+        chunk = sorted((next(examples) for _ in range(pool)), key=lambda e: len(e[0]))
+        out, cur = [], []
+        for ex in chunk:
+            if cur and (len(cur) + 1) * len(ex[0]) > max_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(ex)
+        out.append(cur)
+        rng.shuffle(out)
+        yield from out
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    ids, mask = pad([e[0] for e in batch], pad_id, left=False)
+    labels, _ = pad([e[1] for e in batch], -100, left=False)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens of the batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def extract_answer(text: str) -> int | None:
+    m = _ANSWER.search(text)
+    try:
+        return int(m.group(1).strip()) if m else None
+    except ValueError:
+        return None
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], batch_size: int = 16
+) -> dict[str, Any]:
+    """Greedy ``model.generate`` on each question; exact integer match of the ``<answer>``.
+
+    ``by_length`` splits it by response length in the library's buckets (``aropd.buckets``), the
+    non-empty ones only.
+    """
+    model.eval()
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i]["reasoning"]))
+    correct, lengths = [False] * len(problems), [0] * len(problems)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        exs = [example(tok, template, problems[i], 1.0) for i in idx]
+        budget = max(len(e.reference) for e in exs) * 5 // 4 + 16
+        ids, mask = pad([e.student for e in exs], tok.pad_token_id, left=True)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )[:, ids.shape[1] :].tolist()
+        for i, seq in zip(idx, out):
+            seq = seq[: seq.index(tok.eos_token_id) + 1] if tok.eos_token_id in seq else seq
+            lengths[i] = len(seq)
+            correct[i] = extract_answer(tok.decode(seq, skip_special_tokens=True)) == int(problems[i]["answer"])
+    names = bucket_names("len")
+    hits, counts = [0] * len(names), [0] * len(names)
+    for c, b in zip(correct, bucket_index(torch.tensor(lengths)).tolist()):
+        hits[b] += int(c)
+        counts[b] += 1
+    return {
+        "accuracy": sum(correct) / max(len(problems), 1),
+        "n": len(problems),
+        "mean_response_tokens": sum(lengths) / max(len(lengths), 1),
+        "by_length": {name: {"accuracy": h / n, "n": n} for name, h, n in zip(names, hits, counts) if n},
+    }
+
+
+def _response_logprobs(model: Any, seqs: list[list[int]], starts: list[int], pad_id: int) -> list[torch.Tensor]:
+    """Log-probs (fp32, full vocabulary) predicting each token from ``starts[i]`` on: ``[len - start, V]``."""
+    ids, mask = pad(seqs, pad_id, left=False)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return [torch.log_softmax(logits[i, st - 1 : len(s) - 1], -1) for i, (s, st) in enumerate(zip(seqs, starts))]
+
+
+@torch.no_grad()
+def view_divergence(
+    model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], ratio: float, batch_size: int = 8
+) -> dict[str, float]:
+    """Mean per-token KL(q_full || q_partial) (``aropd.divergences.forward_kl``) on the reference responses.
+
+    Also split into response tokens that the partial view shows (the kept reasoning) and those it
+    hides, and the reference-token NLL of each view and of the student prompt.
+    """
+    model.eval()
+    kl_all, kl_shown, kl_hidden, n_shown, n_hidden, nll = 0.0, 0.0, 0.0, 0, 0, {v: 0.0 for v in VIEWS}
+    n_tok = 0
+    open_tag = template.trace.split("{reasoning}")[0]
+    for s in range(0, len(problems), batch_size):
+        chunk = problems[s : s + batch_size]
+        exs = [example(tok, template, p, ratio) for p in chunk]
+        lp = {}
+        for v in VIEWS:
+            prompts = [getattr(e, v) for e in exs]
+            seqs = [p + e.reference for p, e in zip(prompts, exs)]
+            lp[v] = _response_logprobs(model, seqs, [len(p) for p in prompts], tok.pad_token_id)
+        for j, (p, e) in enumerate(zip(chunk, exs)):
+            target = torch.tensor(e.reference)
+            for v in VIEWS:
+                nll[v] += -lp[v][j].gather(-1, target[:, None]).sum().item()
+            kl = forward_kl(lp["full"][j], lp["partial"][j])
+            trace = template.format_trace(p["reasoning"], p["answer"])
+            offsets = tok(trace, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            cut = len(open_tag) + len(partial_view(p["reasoning"], ratio))
+            hidden = torch.tensor([cut <= a < len(open_tag) + len(p["reasoning"]) for a, _ in offsets] + [False])
+            kl_all += kl.sum().item()
+            kl_hidden += kl[hidden].sum().item()
+            kl_shown += kl[~hidden].sum().item()
+            n_hidden += int(hidden.sum())
+            n_shown += int((~hidden).sum())
+            n_tok += len(e.reference)
+    return {
+        "kl_full_partial_per_token": kl_all / n_tok,
+        "kl_full_partial_hidden_tokens": kl_hidden / max(n_hidden, 1),
+        "kl_full_partial_shown_tokens": kl_shown / max(n_shown, 1),
+        "hidden_token_fraction": n_hidden / n_tok,
+        **{f"nll_{v}_per_token": nll[v] / n_tok for v in VIEWS},
+        "tokens": n_tok,
+    }
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def pretrain(args: PretrainArgs) -> Result:
+    """Train, evaluate and save the model, its tokenizer and ``pretrain.json`` in ``args.out``."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    template = TOY_TEMPLATE
+    splits = {s: read_split(Path(args.splits) / f"{s}.jsonl") for s in ("train", "val", "test")}
+    exclude = {r["question"] for rows in splits.values() for r in rows}
+    stream = iter(
+        ProblemStream(args.seed, args.min_steps, args.max_steps, args.long_frac, tuple(args.long_steps), exclude)
+    )
+
+    corpus_problems = [next(stream) for _ in range(args.tokenizer_problems)]
+    texts = [template.system, template.teacher_user] + [
+        p["question"] + "\n" + template.format_trace(p["reasoning"], p["answer"]) for p in corpus_problems
+    ]
+    tok = train_toy_tokenizer(texts, args.vocab_size)
+    model = build_model(tok, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M params, vocab {len(tok)}", flush=True)
+
+    data_rng = random.Random(args.seed + 1)
+
+    def examples():
+        for prob in stream:
+            view = data_rng.choices(VIEWS, weights=args.mix)[0]
+            yield encode(tok, template, prob, view, args.partial_ratio)
+
+    batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=256)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(args.steps - args.warmup, 1)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    probe = [p for p in splits["val"] if len(p["reasoning"]) < 200][: args.probe_size]
+    model.train()
+    losses, log, examples_seen, t_train, c_train = [], [], 0, time.time(), time.process_time()
+    for step in range(args.steps):
+        batch = next(batch_iter)
+        examples_seen += len(batch)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = response_loss(model, collate(batch, tok.pad_token_id))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
+            recent = sum(losses[-args.log_every :]) / len(losses[-args.log_every :])
+            log.append({"step": step + 1, "loss": round(recent, 4), "seconds": round(time.time() - t_train, 1)})
+            print(f"step {step + 1}/{args.steps} loss {recent:.4f} lr {lr_at(step):.2e} "
+                  f"examples {examples_seen} {time.time() - t_train:.0f}s", flush=True)
+        if args.probe_every and (step + 1) % args.probe_every == 0:
+            acc = greedy_accuracy(model, tok, template, probe, args.eval_batch)
+            log[-1]["probe_accuracy"] = acc["accuracy"]
+            print(f"  probe accuracy {acc['accuracy']:.3f} on {len(probe)} short val problems", flush=True)
+            model.train()
+    train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
+
+    t_eval = time.time()
+    test = splits["test"][: args.eval_limit or None]
+    acc = greedy_accuracy(model, tok, template, test, args.eval_batch)
+    acc_seconds = time.time() - t_eval
+    kl = view_divergence(model, tok, template, splits["test"][: args.kl_limit or None], args.partial_ratio)
+    eval_seconds = time.time() - t_eval
+    tail = losses[-args.log_every :]
+    report = {
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()},
+        "seed": args.seed,
+        "params": n_params,
+        "vocab_size": len(tok),
+        "examples_seen": examples_seen,
+        "first_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu, 1),
+        "accuracy_seconds": round(acc_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "wall_seconds": round(time.time() - t0, 1),
+        "cpu_seconds": round(time.process_time(), 1),
+        "test": acc,
+        "views": kl,
+        "log": log,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": sys.version.split()[0],
+        },
+        "threads": args.threads,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(
+        f"test accuracy {acc['accuracy']:.3f} (n={acc['n']}), "
+        f"KL(full||partial) {kl['kl_full_partial_per_token']:.4f} nats/token, "
+        f"train {train_seconds:.0f}s, wall {report['wall_seconds']:.0f}s -> {out}",
+        flush=True,
+    )
+    return Result(model, tok, report)
