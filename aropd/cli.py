@@ -8,7 +8,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from aropd.checkpointing import ResumableCheckpoint
 from aropd.data import PrivilegedDataModule
-from aropd.module import PrivilegedDistillation
+from aropd.module import StudentModule
 
 
 class AropdCLI(LightningCLI):
@@ -21,7 +21,7 @@ class AropdCLI(LightningCLI):
         })
         # The data is tokenized for the student and cut to its rollout budget: these must stay equal.
         parser.link_arguments("model.init_args.student", "data.init_args.tokenizer")
-        parser.link_arguments("model.init_args.sampling.max_new_tokens", "data.init_args.max_new_tokens")
+        parser.link_arguments("model.init_args.max_new_tokens", "data.init_args.max_new_tokens")
         parser.add_argument(
             "--cpu_threads", type=int | None, default=None,
             help="torch intra-op threads on CPU (null: torch's default). Tiny models decode fastest with 1: "
@@ -53,7 +53,7 @@ class AropdCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> AropdCLI:
     return AropdCLI(
-        PrivilegedDistillation,
+        StudentModule,
         PrivilegedDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

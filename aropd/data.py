@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from aropd.checkpointing import ResumableDataLoader
-from aropd.rollout import GenerationWindow, GenerationWindowSampler, WindowKeyed
+from aropd.rollout import GenerationWindow, GenerationWindowSampler, WindowKeyed, run_seed
+from aropd.types import PrivilegedBatch, PromptBatch
 from aropd.views import PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
 
 log = logging.getLogger(__name__)
@@ -119,31 +120,6 @@ def build_example(tokenizer, template: PromptTemplate, q: str, r: str, a: str, b
     return PrivilegedExample(student, full.ids, part.ids, reference, a, full.truncated or part.truncated)
 
 
-class PrivilegedBatch(NamedTuple):
-    """A collated batch of privileged examples. Prompts are left-padded, references right-padded."""
-
-    student_ids: torch.Tensor
-    student_mask: torch.Tensor
-    full_ids: torch.Tensor
-    full_mask: torch.Tensor
-    partial_ids: torch.Tensor
-    partial_mask: torch.Tensor
-    reference_ids: torch.Tensor
-    reference_mask: torch.Tensor
-    privileged_len: torch.Tensor  # [B] full-view prompt tokens minus student prompt tokens
-    answers: list[str]
-    window: GenerationWindow | None = None  # the generation batch's prompts (generation_batch_size > batch_size)
-
-
-class PromptBatch(NamedTuple):
-    """A batch of benchmark prompts for validation."""
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    records: list[dict[str, Any]]
-    benchmark: str
-
-
 def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -160,7 +136,10 @@ def collate_privileged(examples: list[PrivilegedExample], pad_id: int) -> Privil
     p, pm = pad([e.partial for e in examples], pad_id, left=True)
     r, rm = pad([e.reference for e in examples], pad_id, left=False)
     priv = torch.tensor([len(e.full) - len(e.student) for e in examples])
-    return PrivilegedBatch(s, sm, f, fm, p, pm, r, rm, priv, [e.answer for e in examples])
+    return PrivilegedBatch(
+        student_ids=s, student_mask=sm, full_ids=f, full_mask=fm, partial_ids=p, partial_mask=pm,
+        reference_ids=r, reference_mask=rm, privileged_len=priv, answers=[e.answer for e in examples],
+    )
 
 
 def collate_window(keyed: list[tuple[PrivilegedExample, int, bool]], pad_id: int) -> PrivilegedBatch:
@@ -168,7 +147,7 @@ def collate_window(keyed: list[tuple[PrivilegedExample, int, bool]], pad_id: int
     rows = [r for r, (_, _, mine) in enumerate(keyed) if mine]
     ids, mask = pad([e.student for e, _, _ in keyed], pad_id, left=True)
     micro = collate_privileged([keyed[r][0] for r in rows], pad_id)
-    return micro._replace(window=GenerationWindow(ids, mask, keyed[0][1], rows[0], rows[-1] + 1))
+    return micro.replace(window=GenerationWindow(ids, mask, keyed[0][1], rows[0], rows[-1] + 1))
 
 
 class PrivilegedDataModule(L.LightningDataModule):
@@ -190,7 +169,7 @@ class PrivilegedDataModule(L.LightningDataModule):
         val_benchmarks: list[BenchmarkSpec] | None = None,
         val_batch_size: int = 16,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -210,7 +189,7 @@ class PrivilegedDataModule(L.LightningDataModule):
             val_benchmarks: Benchmarks for validation (``aropd validate`` and in-``fit`` validation).
             val_batch_size: Prompts per validation batch.
             num_workers: DataLoader worker processes.
-            seed: Shuffling seed.
+            seed: Shuffling seed; null = the run's ``seed_everything``.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -315,7 +294,7 @@ class PrivilegedDataModule(L.LightningDataModule):
         """
         shard = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         shard = shard or {"num_replicas": 1, "rank": 0}
-        return DistributedSampler(self.train_examples, shuffle=True, seed=self.hparams.seed, **shard)
+        return DistributedSampler(self.train_examples, shuffle=True, seed=run_seed(self.hparams.seed), **shard)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
@@ -332,4 +311,4 @@ class PrivilegedDataModule(L.LightningDataModule):
     def _collate_prompts(self, bench, records: list[dict[str, Any]]) -> PromptBatch:
         seqs = [render(self.tokenizer, self.template.student_messages(bench.prompt(r))) for r in records]
         ids, mask = pad(seqs, self.tokenizer.pad_token_id, left=True)
-        return PromptBatch(ids, mask, records, bench.name)
+        return PromptBatch(prompt_ids=ids, prompt_mask=mask, records=records, benchmark=bench.name)

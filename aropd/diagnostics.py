@@ -1,4 +1,4 @@
-"""Reliability diagnostics (DESIGN.md §2): pure functions, tensor in, tensor out, no Lightning.
+"""Reliability diagnostics (docs/diagnostics.md): pure functions, tensor in, tensor out, no Lightning.
 
 Per-position functions take ``[..., V]`` log-probs (or ``[...]`` log-probs of the sampled token) and
 return ``[...]``; masking and reduction are the caller's, so the training step can produce all of
@@ -93,14 +93,14 @@ def privileged_shift(full_logprobs: torch.Tensor, partial_logprobs: torch.Tensor
     return forward_kl(full_logprobs, partial_logprobs)
 
 
-def residual_clip_fraction(
-    full_logprobs: torch.Tensor, partial_logprobs: torch.Tensor, clip: float | None
-) -> torch.Tensor:
-    """``q_F`` mass on entries whose residual ``|ℓ_F − ℓ_P|`` exceeds ``clip`` ``[..., V] → [...]``."""
+def residual_clip_fraction(full_logprobs: torch.Tensor, clipped: torch.Tensor | None) -> torch.Tensor:
+    """``q_F`` mass on the entries the target clipped (its ``clipped`` mask; None: it clips nothing).
+
+    ``[..., V], [..., V] bool → [...]``.
+    """
     full = full_logprobs.float()
-    if clip is None or math.isinf(clip):
+    if clipped is None:
         return torch.zeros(full.shape[:-1], dtype=full.dtype, device=full.device)
-    clipped = (full - partial_logprobs.float()).abs() > clip
     return (full.exp() * clipped).sum(-1)
 
 

@@ -1,21 +1,25 @@
-"""Chunked, memory-bounded token losses over the vocabulary, and the step record for diagnostics.
+"""Chunked, memory-bounded token losses over the vocabulary, and the diagnostics probes they run.
 
 Log-probs are computed from hidden states through the output layer ``chunk_size`` positions at a
 time; each chunk runs under activation checkpointing, so neither the forward nor the backward holds
 more than one chunk's ``[B, chunk, V]`` fp32 tensors (for the student and both teacher views). The
-per-position diagnostics come out of the same chunk pass, so callbacks need no second forward.
+per-position diagnostics a callback asks for (``Probes``) come out of the same chunk pass, so
+callbacks need no second forward; with none asked for, the pass computes the loss alone.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from aropd import diagnostics as D
 from aropd.divergences import forward_kl, generalized_jsd, reverse_kl, sampled_token_kl
+from aropd.targets import Target, TargetOutput
+from aropd.types import TeacherScores
 
 
 def _gather(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -31,25 +35,38 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-class StepRecord(NamedTuple):
-    """Per-position scalars of one training step, ``[B, T]`` unless noted; detached, fp32.
+@dataclass(frozen=True)
+class Probes:
+    """Per-position quantities the diagnostics ask the loss pass for; nothing is computed unasked.
 
-    ``mask`` is the completion mask (every completion token, skipped ones included).
+    Each enabled diagnostics callback says which it reads (its ``probes``); the module runs the union.
     """
 
-    mask: torch.Tensor
-    completion_ids: torch.Tensor  # [B, T] long
-    student_lp: torch.Tensor  # log π_θ(y_t)
-    full_lp: torch.Tensor  # log q_F(y_t)
-    partial_lp: torch.Tensor  # log q_P(y_t)
-    target_lp: torch.Tensor  # log π*(y_t)
-    kl: torch.Tensor  # KL(π* ‖ π_θ) per position
-    shift: torch.Tensor  # KL(q_F ‖ q_P) per position
-    clip_frac: torch.Tensor  # q_F mass on clipped entries
-    residual: torch.Tensor  # clipped ℓ_F − ℓ_P at y_t
-    mismatch: torch.Tensor | None  # [3, B, T]: support mismatch of full, partial, target (None when off)
-    privileged_len: torch.Tensor  # [B] full-view prompt tokens minus student prompt tokens
-    answers: list[str]  # gold final answers
+    sampled: bool = False
+    """Log-probs of the sampled token under the student, both views and the target."""
+    shift: bool = False
+    """The privileged belief shift ``KL(q_F ‖ q_P)``."""
+    residual: bool = False
+    """The target's clipped residual at the sampled token, and the clip fraction."""
+    support_top_p: float | None = None
+    """Support mismatch of the full view, the partial view and the target outside the student's top-p nucleus."""
+
+    def __or__(self, other: Probes) -> Probes:
+        tops = {p for p in (self.support_top_p, other.support_top_p) if p is not None}
+        if len(tops) > 1:
+            raise ValueError(f"diagnostics ask for the support mismatch at different top_p: {sorted(tops)}")
+        return Probes(self.sampled or other.sampled, self.shift or other.shift, self.residual or other.residual,
+                      tops.pop() if tops else None)
+
+    @property
+    def any(self) -> bool:
+        return self.sampled or self.shift or self.residual or self.support_top_p is not None
+
+    @property
+    def views(self) -> frozenset[str]:
+        """The teacher views these probes read (beyond the target's own)."""
+        both = self.sampled or self.shift or self.support_top_p is not None
+        return frozenset({"full", "partial"}) if both else frozenset()
 
 
 def sequence_weights(mask: torch.Tensor) -> torch.Tensor:
@@ -108,73 +125,72 @@ def sft_loss(student_hidden, head, target_ids, mask, chunk_size: int | None) -> 
 
 def distillation_loss(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    scores: TeacherScores,
     student_head: torch.nn.Module,
     teacher_head: torch.nn.Module,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
-    target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    clip: float | None,
+    target: Target,
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
     skip_tokens: int = 0,
     chunk_size: int | None = 256,
-    support_top_p: float | None = 0.9,
+    probes: Probes = Probes(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distill the student toward the target on its own rollout.
 
     Args:
         student_hidden: ``[B, T, H]`` student states predicting each completion token (with grad).
-        teacher_hidden: ``[2B, T, H]`` teacher states, full view rows first, then partial view rows.
+        scores: the teacher's ``[B, T, H]`` states per view; the target's views (and the probes') must be there.
         completion_ids / completion_mask: ``[B, T]``.
-        target_fn: ``(ℓ_F, ℓ_P) → log π*`` over ``[..., V]``.
-        clip: residual clip used by the target (for the clip fraction and the clipped residual).
+        target: maps the views' log-probs to ``log π*`` (``aropd.targets``).
         skip_tokens: the first k completion tokens carry no loss.
+        probes: the per-position diagnostics to compute in the same chunk pass.
 
     Returns:
         The scalar loss and a dict of detached per-position ``[B, T]`` diagnostics (``StepRecord``
-        fields), computed in the same chunk pass.
+        fields, ``mismatch`` ``[3, B, T]``), only those the probes asked for.
     """
-    B, T = completion_ids.shape
+    missing = sorted(v for v in target.views | probes.views if getattr(scores, v) is None)
+    if missing:
+        raise ValueError(f"teacher scores lack the view(s) {missing} that {target!r} and the probes need")
     loss_mask = completion_mask.clone()
     loss_mask[:, :skip_tokens] = 0
     div = functools.partial(DIVERGENCES[divergence], beta=jsd_beta)
     out: dict[str, list[torch.Tensor]] = {}
     done: set[int] = set()
 
+    def view_logprobs(hidden: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+        return None if hidden is None else teacher_head(hidden[:, sl]).float().log_softmax(-1)
+
     def per_position(s_lp: torch.Tensor, sl: slice) -> torch.Tensor:
         y = completion_ids[:, sl]
         with torch.no_grad():
-            f_lp = teacher_head(teacher_hidden[:B, sl]).float().log_softmax(-1)
-            p_lp = teacher_head(teacher_hidden[B:, sl]).float().log_softmax(-1)
-            t_lp = target_fn(f_lp, p_lp)
-        per = div(t_lp, s_lp, y)
-        if sl.start not in done:  # first pass only: a checkpoint recomputation must not record twice
+            f_lp, p_lp = view_logprobs(scores.full, sl), view_logprobs(scores.partial, sl)
+            t = target(f_lp, p_lp, details=probes.residual)
+        per = div(t.logprobs, s_lp, y)
+        if probes.any and sl.start not in done:  # first pass only: a checkpoint recomputation must not record twice
             done.add(sl.start)
             with torch.no_grad():
-                _record_chunk(out, s_lp.detach(), f_lp, p_lp, t_lp, y, clip, support_top_p)
+                _record_chunk(out, probes, s_lp.detach(), f_lp, p_lp, t, y)
         return per
 
     loss = chunked_token_loss(student_hidden, student_head, sequence_weights(loss_mask), per_position, chunk_size)
     return loss, {k: torch.cat(v, dim=-1) for k, v in out.items()}
 
 
-def _record_chunk(out, s_lp, f_lp, p_lp, t_lp, y, clip, top_p) -> None:
-    residual = f_lp - p_lp
-    if clip is not None:
-        residual = residual.clamp(-clip, clip)
-    rows = {
-        "student_lp": _gather(s_lp, y),
-        "full_lp": _gather(f_lp, y),
-        "partial_lp": _gather(p_lp, y),
-        "target_lp": _gather(t_lp, y),
-        "kl": forward_kl(t_lp, s_lp),
-        "shift": D.privileged_shift(f_lp, p_lp),
-        "clip_frac": D.residual_clip_fraction(f_lp, p_lp, clip),
-        "residual": _gather(residual, y).nan_to_num(0.0),
-    }
-    if top_p is not None:  # one nucleus (one sort) serves all three views
-        nucleus = D.nucleus_mask(s_lp, top_p)
-        rows["mismatch"] = torch.stack([D.mass_outside(lp, nucleus) for lp in (f_lp, p_lp, t_lp)])
+def _record_chunk(out, probes: Probes, s_lp, f_lp, p_lp, t: TargetOutput, y) -> None:
+    rows: dict[str, torch.Tensor] = {}
+    if probes.sampled:
+        rows.update(student_lp=_gather(s_lp, y), full_lp=_gather(f_lp, y), partial_lp=_gather(p_lp, y),
+                    target_lp=_gather(t.logprobs, y))
+    if probes.shift:
+        rows["shift"] = D.privileged_shift(f_lp, p_lp)
+    if probes.residual and t.residual is not None:  # targets without a residual (a single view) have none
+        rows["residual"] = _gather(t.residual, y).nan_to_num(0.0)
+        rows["clip_frac"] = D.residual_clip_fraction(f_lp, t.clipped)
+    if probes.support_top_p is not None:  # one nucleus (one sort) serves all three views
+        nucleus = D.nucleus_mask(s_lp, probes.support_top_p)
+        rows["mismatch"] = torch.stack([D.mass_outside(lp, nucleus) for lp in (f_lp, p_lp, t.logprobs)])
     for k, v in rows.items():
         out.setdefault(k, []).append(v)

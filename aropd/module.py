@@ -1,4 +1,6 @@
-"""The LightningModule: student rollout → dual-view teacher scoring → anchored residual distillation."""
+"""The LightningModules: a student that rolls out and validates (``StudentModule``), and the
+privileged on-policy distillation step on top of it: student rollout → dual-view teacher scoring →
+target → distillation loss. SFT, the off-policy baseline, is ``aropd.sft.SupervisedFineTuning``."""
 
 from __future__ import annotations
 
@@ -11,97 +13,73 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from aropd.data import PrivilegedBatch, PromptBatch
-from aropd.loss import StepRecord, distillation_loss, sequence_weights, sft_loss
+from aropd.loss import Probes, distillation_loss
 from aropd.metrics import BucketAccuracy
 from aropd.models import load_causal_lm, load_tokenizer
-from aropd.rollout import HFGenerate, Rollout, RolloutBuffer, RolloutEngine, SamplingConfig, eos_ids_of, seeded
-from aropd.targets import anchored_residual_target, check_lam_clip
-from aropd.teachers import EMATeacher, Teacher, completion_hidden, left_pad_stack
-
-Method = Literal["ar_opd", "full_opd", "partial_opd", "sft"]
-# Methods are presets of one module: (λ, clip) that override the configured ones; None keeps them.
-PRESETS: dict[str, tuple[float, float | None] | None] = {
-    "ar_opd": None,
-    "full_opd": (1.0, None),
-    "partial_opd": (0.0, None),
-    "sft": None,
-}
+from aropd.rollout import HFGenerate, RolloutBuffer, RolloutEngine, Sampling, SamplingConfig, eos_ids_of, run_seed, seeded
+from aropd.targets import AnchoredResidual, Target
+from aropd.teachers import EMATeacher, Teacher, completion_hidden, score_views
+from aropd.types import PrivilegedBatch, PromptBatch, Rollout, StepRecord
 
 
-class PrivilegedDistillation(L.LightningModule):
-    """Privileged on-policy distillation; Full OPD, Partial OPD, AR-OPD and SFT are presets of it."""
+class StudentModule(L.LightningModule):
+    """A student causal LM that samples rollouts and validates on benchmark suites.
+
+    Subclasses implement ``training_step`` and may build more models in ``build_models``.
+    """
 
     def __init__(
         self,
         student: str = "aropd/assets/tiny-llama",
-        teacher: Teacher | None = None,
-        method: Method = "ar_opd",
-        lam: float = 0.8,
-        clip: float | None = 5.0,
-        divergence: Literal["forward_kl", "reverse_kl", "jsd", "sampled_token"] = "forward_kl",
-        jsd_beta: float = 0.5,
-        skip_tokens: int = 0,
-        sampling: SamplingConfig | None = None,
-        engine: RolloutEngine | None = None,
+        max_new_tokens: int = 128,
         val_max_new_tokens: int | None = None,
         loss_chunk_size: int | None = 256,
-        support_top_p: float | None = 0.9,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
-        seed: int = 0,
+        engine: RolloutEngine | None = None,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
             student: Hub id, local folder or ``folder/file.gguf`` of the student causal LM.
-            teacher: Teacher scheme: ``EMATeacher`` (default, α = 0.01), ``FrozenTeacher`` or ``SeparateTeacher``.
-            method: ``ar_opd`` (anchored residual), ``full_opd`` (= λ 1, no clip), ``partial_opd`` (= λ 0), or ``sft``.
-            lam: Residual scale λ ≥ 0 of ``ar_opd``.
-            clip: Residual clip c > 0 in nats of ``ar_opd``; null for no clip.
-            divergence: Per-position divergence between target and student.
-            jsd_beta: β of the generalized JSD (0 = forward KL, 1 = reverse KL).
-            skip_tokens: The first k completion tokens carry no loss.
-            sampling: Rollout sampling (max new tokens, temperature, top-p, top-k).
-            engine: Rollout engine (default: transformers' ``generate``).
+            max_new_tokens: Completion budget in tokens: the rollout length, and the cut of SFT's references.
             val_max_new_tokens: Cap on each benchmark's generation budget during validation.
             loss_chunk_size: Completion positions per chunk of the memory-bounded loss; null = unchunked.
-            support_top_p: Nucleus mass for the support-mismatch diagnostics; null turns them off.
             dtype: Parameter dtype the student (and a copied teacher) are loaded in.
             gradient_checkpointing: Recompute the student's activations in backward to save memory.
             optimizer: Optimizer class and arguments.
             scheduler: Learning-rate scheduler; ``aropd.schedules.WarmupCosine`` learns its length from the trainer.
-            seed: Seed of the rollout sampling streams (one per epoch, batch and rank).
+            engine: Rollout engine: ``HFGenerate`` (transformers' ``generate``, default) or ``LeanDecode``.
+            seed: Seed of the rollout sampling streams (one per epoch, batch and rank); null = ``seed_everything``.
         """
         super().__init__()
         problems = []
-        try:
-            check_lam_clip(lam, clip)
-        except ValueError as e:
-            problems.append(str(e))
-        if not 0 <= jsd_beta <= 1:
-            problems.append(f"jsd_beta must be in [0, 1], got {jsd_beta}")
-        if skip_tokens < 0:
-            problems.append(f"skip_tokens must be >= 0, got {skip_tokens}")
+        if max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if val_max_new_tokens is not None and val_max_new_tokens < 1:
+            problems.append(f"val_max_new_tokens must be >= 1 or null, got {val_max_new_tokens}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             problems.append(f"loss_chunk_size must be >= 1 or null, got {loss_chunk_size}")
-        if support_top_p is not None and not 0 < support_top_p <= 1:
-            problems.append(f"support_top_p must be in (0, 1] or null, got {support_top_p}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.save_hyperparameters(ignore=["teacher", "engine", "optimizer", "scheduler", "sampling"])
-        self.lam, self.clip = PRESETS[method] or (lam, clip)
-        self.method = method
-        self.teacher = teacher if teacher is not None else EMATeacher()
-        self.engine = engine if engine is not None else HFGenerate()
-        self.sampling = sampling if sampling is not None else SamplingConfig()
+        self.problems = problems  # subclasses add theirs, then call check_problems()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "engine"])
+        self.seed = run_seed(seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.engine = engine if engine is not None else HFGenerate()
         self.tokenizer = load_tokenizer(student)
         self.student: torch.nn.Module | None = None
-        self.teacher_model: torch.nn.Module | None = None
         self.val_metrics = torch.nn.ModuleDict()
         self._val_rows: dict[str, list[dict[str, Any]]] = {}
+
+    def check_problems(self) -> None:
+        if self.problems:
+            raise ValueError("; ".join(self.problems))
+
+    @property
+    def method_name(self) -> str:
+        """How results files name what trained."""
+        return type(self).__name__
 
     # ---- models -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -110,8 +88,7 @@ class PrivilegedDistillation(L.LightningModule):
         self.student = load_causal_lm(self.hparams.student, self.hparams.dtype).train()
         if self.hparams.gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.method != "sft":
-            self.teacher_model = self.teacher.build(self.student, self.tokenizer)
+        self.build_models()
         self.eos_ids = eos_ids_of(self.student, self.tokenizer)
         # Under a ModelParallelStrategy: FSDP2 on the student and the teacher, each its own tree
         # (after the teacher was copied from the unsharded student). See aropd/sharding.py.
@@ -119,8 +96,8 @@ class PrivilegedDistillation(L.LightningModule):
 
         shard_module(self)
 
-    def target_fn(self, full_lp: torch.Tensor, partial_lp: torch.Tensor) -> torch.Tensor:
-        return anchored_residual_target(full_lp, partial_lp, self.lam, self.clip)
+    def build_models(self) -> None:
+        """Models beside the student, built from it before sharding (default: none)."""
 
     @property
     def synced_generation(self) -> bool:
@@ -135,7 +112,7 @@ class PrivilegedDistillation(L.LightningModule):
     def rollout_seed(self, batch_idx: int, stream: int = 0) -> int:
         epoch = self.current_epoch if self._trainer is not None else 0
         rank = self.global_rank if self._trainer is not None else 0
-        key = (((self.hparams.seed * 1_000_003 + stream) * 1_000_003 + epoch) * 1_000_003 + batch_idx) * 65_537 + rank
+        key = (((self.seed * 1_000_003 + stream) * 1_000_003 + epoch) * 1_000_003 + batch_idx) * 65_537 + rank
         return key % (2**63 - 1)
 
     def phase(self, name: str):
@@ -156,77 +133,10 @@ class PrivilegedDistillation(L.LightningModule):
         finally:
             self.student.train(was_training)
 
-    def train_rollout(self, batch: PrivilegedBatch, batch_idx: int) -> Rollout:
-        """The micro-batch's rollouts: sampled now, or taken from its generation window's buffer.
-
-        With ``data.generation_batch_size`` > ``batch_size`` the datamodule yields the usual
-        micro-batches (so gradient accumulation, the EMA teacher after each optimizer step and the
-        per-micro-batch ``{"loss", "record"}`` that callbacks read all stay as they are), each
-        carrying its window's prompts; the window's first micro-batch samples rollouts for all of
-        them in one call (seeded by the window's first batch index), the others take theirs in order.
-        Chosen over manual optimization, which would re-implement accumulation, clipping and the
-        optimizer-step hooks, and over peeking into Lightning's loader, which is private API.
-        """
-        window = getattr(batch, "window", None)
-        if window is None:  # generation batch = micro-batch: on-policy, as always
-            return self.rollout(batch.student_ids, batch.student_mask, self.sampling, self.rollout_seed(batch_idx))
-        if getattr(self, "_rollout_buffer", None) is None:
-            self._rollout_buffer = RolloutBuffer()
-        first = batch_idx - window.index
-        rollout, staleness = self._rollout_buffer.take(
-            (self.current_epoch, first), window, self.global_step,
-            lambda: self.rollout(window.prompt_ids, window.prompt_mask, self.sampling, self.rollout_seed(first)),
-            batch.student_ids, batch.student_mask,
-        )
-        self.log("train/rollout_staleness", float(staleness), batch_size=batch.student_ids.shape[0])
-        return rollout
-
-    # ---- training -----------------------------------------------------------------------------
-    def training_step(self, batch: PrivilegedBatch, batch_idx: int):
-        head = self.student.get_output_embeddings()
-        chunk = self.hparams.loss_chunk_size
-        if self.method == "sft":
-            ref = Rollout(batch.student_ids, batch.student_mask, batch.reference_ids, batch.reference_mask)
-            loss = sft_loss(completion_hidden(self.student, *ref), head, ref.completion_ids, ref.completion_mask, chunk)
-            self._log_train(loss, ref.completion_mask, {})
-            return loss
-        with self.phase("rollout"):
-            rollout = self.train_rollout(batch, batch_idx)
-        with self.phase("teacher_scoring"), torch.no_grad():  # both views in one forward: full rows, then partial
-            ids, mask = left_pad_stack(
-                batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, self.tokenizer.pad_token_id
-            )
-            teacher_h = completion_hidden(
-                self.teacher_model, ids, mask, rollout.completion_ids.repeat(2, 1), rollout.completion_mask.repeat(2, 1)
-            )
-        with self.phase("student_forward_and_loss"):
-            student_h = completion_hidden(self.student, *rollout)
-            loss, per_pos = distillation_loss(
-                student_h, teacher_h, head, self.teacher_model.get_output_embeddings(),
-                rollout.completion_ids, rollout.completion_mask, self.target_fn, self.clip,
-                divergence=self.hparams.divergence, jsd_beta=self.hparams.jsd_beta,
-                skip_tokens=self.hparams.skip_tokens, chunk_size=chunk, support_top_p=self.hparams.support_top_p,
-            )
-        record = StepRecord(
-            mask=rollout.completion_mask.float(), completion_ids=rollout.completion_ids,
-            mismatch=per_pos.pop("mismatch", None), privileged_len=batch.privileged_len,
-            answers=batch.answers, **per_pos,
-        )
-        self._log_train(loss, rollout.completion_mask, {"kl_target_student": record.kl, "privileged_shift": record.shift})
-        return {"loss": loss, "record": record}
-
-    def _log_train(self, loss: torch.Tensor, mask: torch.Tensor, per_position: dict[str, torch.Tensor]) -> None:
+    def log_train(self, loss: torch.Tensor, mask: torch.Tensor) -> None:
         bs = mask.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/completion_len", mask.sum(-1).float().mean(), prog_bar=True, batch_size=bs)
-        w = sequence_weights(mask)  # token mean per sequence, then over sequences, as the loss
-        for name, values in per_position.items():
-            self.log(f"train/{name}", (w * values).sum(), batch_size=bs)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.teacher_model is not None:
-            self.teacher.update(self.teacher_model, self.student)
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -305,4 +215,118 @@ class PrivilegedDistillation(L.LightningModule):
         if not trainer.is_global_zero or not rows:
             return
         out = root / "validate" if trainer.state.fn == "validate" else root / "val" / f"step_{self.global_step}"
-        write_results(out, rows, {"student": self.hparams.student, "global_step": self.global_step, "method": self.method})
+        write_results(out, rows, {"student": self.hparams.student, "global_step": self.global_step, "method": self.method_name})
+
+
+class PrivilegedDistillation(StudentModule):
+    """Privileged on-policy distillation: the student is distilled toward ``target`` on its own rollouts.
+
+    The target is a component (``aropd.targets``): ``AnchoredResidual(lam, clip)`` is AR-OPD,
+    ``FullView()`` Full OPD, ``PartialView()`` Partial OPD.
+    """
+
+    def __init__(
+        self,
+        student: str = "aropd/assets/tiny-llama",
+        teacher: Teacher | None = None,
+        target: Target | None = None,
+        divergence: Literal["forward_kl", "reverse_kl", "jsd", "sampled_token"] = "forward_kl",
+        jsd_beta: float = 0.5,
+        skip_tokens: int = 0,
+        sampling: Sampling | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            student: Hub id, local folder or ``folder/file.gguf`` of the student causal LM.
+            teacher: Teacher scheme: ``EMATeacher`` (default, α = 0.01), ``FrozenTeacher`` or ``SeparateTeacher``.
+            target: What the student is distilled toward: ``AnchoredResidual`` (default, λ 0.8, c 5), ``FullView``, ``PartialView``.
+            divergence: Per-position divergence between target and student.
+            jsd_beta: β of the generalized JSD (0 = forward KL, 1 = reverse KL); only with ``divergence: jsd``.
+            skip_tokens: The first k completion tokens carry no loss.
+            sampling: How rollouts are sampled (temperature, top-p, top-k); their length is ``max_new_tokens``.
+        """
+        super().__init__(student=student, **kwargs)
+        if not 0 <= jsd_beta <= 1:
+            self.problems.append(f"jsd_beta must be in [0, 1], got {jsd_beta}")
+        elif divergence != "jsd" and jsd_beta != 0.5:
+            self.problems.append(f"jsd_beta={jsd_beta} is set but divergence is {divergence!r}: it would do nothing")
+        if skip_tokens < 0:
+            self.problems.append(f"skip_tokens must be >= 0, got {skip_tokens}")
+        self.check_problems()
+        self.teacher = teacher if teacher is not None else EMATeacher()
+        self.target = target if target is not None else AnchoredResidual()
+        sampling = sampling if sampling is not None else Sampling()
+        self.sampling = SamplingConfig(**vars(sampling), max_new_tokens=self.hparams.max_new_tokens)
+        self.teacher_model: torch.nn.Module | None = None
+        self.probes = Probes()
+
+    @property
+    def method_name(self) -> str:
+        return repr(self.target)
+
+    def build_models(self) -> None:
+        self.teacher_model = self.teacher.build(self.student, self.tokenizer)
+
+    def on_fit_start(self) -> None:
+        # Per-position diagnostics are computed only when an enabled callback reads them.
+        from aropd.callbacks.base import DiagnosticCallback
+
+        probes = Probes()
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, DiagnosticCallback) and cb.enabled:
+                probes = probes | cb.probes
+        self.probes = probes
+
+    def train_rollout(self, batch: PrivilegedBatch, batch_idx: int) -> Rollout:
+        """The micro-batch's rollouts: sampled now, or taken from its generation window's buffer.
+
+        With ``data.generation_batch_size`` > ``batch_size`` the datamodule yields the usual
+        micro-batches (so gradient accumulation, the EMA teacher after each optimizer step and the
+        per-micro-batch ``{"loss", "record"}`` that callbacks read all stay as they are), each
+        carrying its window's prompts; the window's first micro-batch samples rollouts for all of
+        them in one call (seeded by the window's first batch index), the others take theirs in order.
+        Chosen over manual optimization, which would re-implement accumulation, clipping and the
+        optimizer-step hooks, and over peeking into Lightning's loader, which is private API.
+        """
+        window = batch.window
+        if window is None:  # generation batch = micro-batch: on-policy, as always
+            return self.rollout(batch.student_ids, batch.student_mask, self.sampling, self.rollout_seed(batch_idx))
+        if getattr(self, "_rollout_buffer", None) is None:
+            self._rollout_buffer = RolloutBuffer()
+        first = batch_idx - window.index
+        rollout, staleness = self._rollout_buffer.take(
+            (self.current_epoch, first), window, self.global_step,
+            lambda: self.rollout(window.prompt_ids, window.prompt_mask, self.sampling, self.rollout_seed(first)),
+            batch.student_ids, batch.student_mask,
+        )
+        self.log("train/rollout_staleness", float(staleness), batch_size=batch.student_ids.shape[0])
+        return rollout
+
+    def training_step(self, batch: PrivilegedBatch, batch_idx: int):
+        with self.phase("rollout"):
+            rollout = self.train_rollout(batch, batch_idx)
+        with self.phase("teacher_scoring"):
+            scores = score_views(
+                self.teacher_model, batch, rollout, self.target.views | self.probes.views, self.tokenizer.pad_token_id
+            )
+        with self.phase("student_forward_and_loss"):
+            student_h = completion_hidden(
+                self.student, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
+            )
+            loss, per_pos = distillation_loss(
+                student_h, scores, self.student.get_output_embeddings(), self.teacher_model.get_output_embeddings(),
+                rollout.completion_ids, rollout.completion_mask, self.target,
+                divergence=self.hparams.divergence, jsd_beta=self.hparams.jsd_beta,
+                skip_tokens=self.hparams.skip_tokens, chunk_size=self.hparams.loss_chunk_size, probes=self.probes,
+            )
+        record = StepRecord(
+            mask=rollout.completion_mask.float(), completion_ids=rollout.completion_ids,
+            privileged_len=batch.privileged_len, answers=batch.answers, **per_pos,
+        )
+        self.log_train(loss, rollout.completion_mask)
+        return {"loss": loss, "record": record}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.teacher.update(self.teacher_model, self.student)

@@ -1,4 +1,4 @@
-"""Student rollouts: sampling settings, the ``Rollout`` that flows between stages, and engines."""
+"""Student rollouts: sampling settings, rollout engines, and generation windows."""
 
 from __future__ import annotations
 
@@ -6,34 +6,23 @@ import contextlib
 import inspect
 import itertools
 import logging
+import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler
 
+from aropd.types import Rollout
+
 log = logging.getLogger(__name__)
 
 
-class Rollout(NamedTuple):
-    """Prompts and the completions sampled for them; the unit the teacher and the loss consume.
-
-    ``completion_mask`` is 1 up to and including the first EOS and 0 after it, so a completion that
-    ends at once carries one token (its EOS) and a padded row carries none.
-    """
-
-    prompt_ids: torch.Tensor  # [B, Lp] left-padded
-    prompt_mask: torch.Tensor  # [B, Lp]
-    completion_ids: torch.Tensor  # [B, T] right-padded
-    completion_mask: torch.Tensor  # [B, T]
-
-
 @dataclass
-class SamplingConfig:
+class Sampling:
     """How the student samples its rollouts."""
 
-    max_new_tokens: int = 128
-    """Completion budget in tokens."""
     temperature: float = 1.0
     """Sampling temperature; 0 means greedy."""
     top_p: float = 1.0
@@ -43,20 +32,33 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if getattr(self, "max_new_tokens", 1) < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if problems:
             raise ValueError("sampling: " + "; ".join(problems))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class SamplingConfig(Sampling):
+    """What an engine is given: how to sample, and how many tokens at most."""
+
+    max_new_tokens: int = 128
+    """Completion budget in tokens."""
+
+
+def run_seed(seed: int | None) -> int:
+    """``seed``, or when it is None the run's ``seed_everything`` (0 when none was set)."""
+    return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -124,7 +126,7 @@ class HFGenerate(RolloutEngine):
         completion = out[:, prompt_ids.shape[1] :]
         mask = completion_mask(completion, eos_ids)
         completion = completion.masked_fill(mask == 0, pad_id)
-        return Rollout(prompt_ids, prompt_mask, completion, mask)
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion, completion_mask=mask)
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -276,7 +278,7 @@ class LeanDecode(RolloutEngine):
     """
 
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_ids, pad_id, synced=False) -> Rollout:
-        return self.decode(model, prompt_ids, prompt_mask, sampling, eos_ids, pad_id, synced, logprobs=False)[0]
+        return self.decode(model, prompt_ids, prompt_mask, sampling, eos_ids, pad_id, synced, logprobs=False)
 
     @torch.no_grad()
     def decode(
@@ -289,8 +291,8 @@ class LeanDecode(RolloutEngine):
         pad_id: int,
         synced: bool = False,
         logprobs: bool = True,
-    ) -> tuple[Rollout, torch.Tensor | None]:
-        """The rollout, and (``logprobs=True``) ``[B, T]`` fp32 ``log π(y_t)`` of each sampled token.
+    ) -> Rollout:
+        """The rollout, with (``logprobs=True``) ``[B, T]`` fp32 ``log π(y_t)`` of each sampled token.
 
         The log-probs are the model's own (log-softmax of its logits: no temperature, no top-k/top-p),
         i.e. what a teacher-forced forward over prompt + completion gives; 0 after the first EOS.
@@ -357,7 +359,8 @@ class LeanDecode(RolloutEngine):
         completion = completion.masked_fill(cmask == 0, pad_id)
         if token_lp is not None:
             token_lp = token_lp[:, : completion.shape[1]] * cmask
-        return Rollout(prompt_ids, prompt_mask, completion, cmask), token_lp
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion, completion_mask=cmask,
+                       logprobs=token_lp)
 
 
 # ---- generation windows: one generate call for several micro-batches ----------------------------
@@ -480,7 +483,8 @@ class RolloutBuffer:
         r = self.rollout
         cmask = r.completion_mask[window.start : window.stop]
         width = max(int(cmask.sum(-1).max()), 1)
-        out = Rollout(prompt_ids, prompt_mask, r.completion_ids[window.start : window.stop, :width], cmask[:, :width])
+        out = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                      completion_ids=r.completion_ids[window.start : window.stop, :width], completion_mask=cmask[:, :width])
         staleness = global_step - self.step
         if staleness > 1 and not self._warned:
             self._warned = True

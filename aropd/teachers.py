@@ -1,8 +1,9 @@
 """The teacher (EMA / frozen / separate model) and scoring a completion under prompts.
 
 One teacher scores the *same* completion under the full and the partial view in one batched
-forward: the two prompt sets are left-padded to one width and stacked, the completion ids are
-appended unchanged, and the hidden states at the completion positions come back as ``[2B, T, H]``.
+forward (``score_views``): the two prompt sets are left-padded to one width and stacked, the
+completion ids are appended unchanged, and the hidden states at the completion positions come back
+per view, by name, as ``TeacherScores``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from aropd.models import check_same_vocabulary, load_causal_lm, load_tokenizer
+from aropd.types import VIEWS, PrivilegedBatch, Rollout, TeacherScores
 
 
 class Teacher:
@@ -69,14 +71,31 @@ class SeparateTeacher(Teacher):
         return _frozen(teacher)
 
 
-def left_pad_stack(a: torch.Tensor, a_mask: torch.Tensor, b: torch.Tensor, b_mask: torch.Tensor, pad_id: int):
-    """Stack two left-padded id batches ``[B, La]``, ``[B, Lb]`` into ``[2B, max(La, Lb)]``."""
-    width = max(a.shape[1], b.shape[1])
+def left_pad_stack(batches: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack left-padded ``(ids, mask)`` batches ``[B, L_i]`` into ``[len·B, max L_i]``."""
+    width = max(ids.shape[1] for ids, _ in batches)
 
     def pad(x: torch.Tensor, value: int) -> torch.Tensor:
         return nn.functional.pad(x, (width - x.shape[1], 0), value=value)
 
-    return torch.cat([pad(a, pad_id), pad(b, pad_id)]), torch.cat([pad(a_mask, 0), pad(b_mask, 0)])
+    return torch.cat([pad(ids, pad_id) for ids, _ in batches]), torch.cat([pad(m, 0) for _, m in batches])
+
+
+@torch.no_grad()
+def score_views(
+    teacher: nn.Module, batch: PrivilegedBatch, rollout: Rollout, views: frozenset[str], pad_id: int
+) -> TeacherScores:
+    """The teacher's states at the rollout's completion positions under each of ``views``, in one forward."""
+    names = [v for v in VIEWS if v in views]
+    if not names:
+        return TeacherScores()
+    prompts = [(getattr(batch, f"{v}_ids"), getattr(batch, f"{v}_mask")) for v in names]
+    ids, mask = left_pad_stack(prompts, pad_id)
+    k = len(names)
+    hidden = completion_hidden(
+        teacher, ids, mask, rollout.completion_ids.repeat(k, 1), rollout.completion_mask.repeat(k, 1)
+    )
+    return TeacherScores(**dict(zip(names, hidden.chunk(k))))
 
 
 def completion_hidden(

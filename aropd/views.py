@@ -1,7 +1,7 @@
 """Privileged views of a reference solution and the prompts built from them.
 
 The student sees the question alone. The teacher sees the question plus a trace of the reference
-solution, presented as an example response, under one of two views (DESIGN.md §1 step 2):
+solution, presented as an example response, under one of two views (docs/method.md):
 
 * **full**: the whole reasoning and the final answer;
 * **partial**: the first ``ratio`` of the reasoning (cut at a word boundary) and the final answer.

@@ -1,4 +1,4 @@
-"""Reliability diagnostics as Lightning callbacks (``aropd.callbacks``): DESIGN.md §2, README
+"""Reliability diagnostics as Lightning callbacks (``aropd.callbacks``): docs/diagnostics.md, README
 "Reading the diagnostics". Turn them all on with ``--config configs/diagnostics.yaml``."""
 
 from .long_rollout import LongRolloutAccuracy

@@ -1,7 +1,8 @@
 """Shared plumbing of the diagnostics callbacks: when to write, cross-rank reduction, writing.
 
-Every diagnostic reads the ``StepRecord`` that ``training_step`` returns (``outputs["record"]``; SFT
-steps return none and are skipped), accumulates what it needs on the step's device, detached, and
+Every diagnostic says which per-position quantities it reads (``probes``: the module computes only
+those, in its loss pass), reads the ``StepRecord`` that ``training_step`` returns
+(``outputs["record"]``; SFT steps return none and are skipped), accumulates what it needs on the step's device, detached, and
 every ``every_n_steps`` optimizer steps reduces it across ranks and writes from global rank zero:
 scalars to every Lightning logger (``log_metrics``), figures and histograms only to TensorBoard.
 Figures are ``matplotlib.figure.Figure`` objects rendered with the Agg canvas: they never enter
@@ -17,27 +18,14 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from aropd.loss import StepRecord
+from aropd.loss import Probes
+from aropd.types import StepRecord
 
 
 def step_record(outputs: Any) -> StepRecord | None:
     """The step's ``StepRecord``, or None (an SFT step, or a module that returns a bare loss)."""
     record = outputs.get("record") if isinstance(outputs, Mapping) else None
     return record if isinstance(record, StepRecord) else None
-
-
-def log_step(trainer: L.Trainer) -> int:
-    """The step Lightning's own ``self.log`` uses for the current batch (``train/loss`` lines up with it)."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-
-def is_write_step(trainer: L.Trainer, every_n_steps: int) -> bool:
-    """After the batch that completes an optimizer step whose 1-based number is a multiple of ``every_n_steps``.
-
-    Depends only on the loop state, so every rank agrees (the writes' reductions are collectives).
-    """
-    loop = trainer.fit_loop.epoch_loop
-    return not loop._should_accumulate() and (log_step(trainer) + 1) % every_n_steps == 0
 
 
 def accum_dtype(device: torch.device) -> torch.dtype:
@@ -121,22 +109,46 @@ def add_histogram(trainer: L.Trainer, tag: str, values: torch.Tensor, step: int)
 class DiagnosticCallback(L.Callback):
     """Base of the training-step diagnostics: accumulate every step, write every ``every_n_steps``.
 
-    Subclasses implement ``accumulate(trainer, pl_module, record)`` (cheap, on device, no host sync
-    unless unavoidable) and ``write(trainer, pl_module, step)`` (reduce across ranks — on every rank —
-    then write from rank zero and reset the interval).
+    Subclasses set ``probes`` (what they read from the step record) and implement
+    ``accumulate(trainer, pl_module, record)`` (cheap, on device, no host sync unless unavoidable)
+    and ``write(trainer, pl_module, step)`` (reduce across ranks — on every rank — then write from
+    rank zero and reset the interval).
     """
 
     def __init__(self, every_n_steps: int = 1, enabled: bool = True) -> None:
         """
         Args:
             every_n_steps: Write every this many optimizer steps (accumulating in between).
-            enabled: Off: the callback does nothing at all.
+            enabled: Off: the callback does nothing at all, and the module computes nothing for it.
         """
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.enabled = enabled
         self._seen = 0  # records accumulated since the last write
+        self._steps_before = 0  # trainer.global_step when the current batch started
+
+    @property
+    def probes(self) -> Probes:
+        """The per-position quantities this diagnostic reads."""
+        return Probes()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._steps_before = trainer.global_step
+
+    def stepped(self, trainer: L.Trainer) -> bool:
+        """Did the batch that just ended complete an optimizer step? (The same answer on every rank.)"""
+        return trainer.global_step > self._steps_before
+
+    @staticmethod
+    def log_step(trainer: L.Trainer) -> int:
+        """The step Lightning's own ``self.log`` used for the batch that just ended (``train/loss`` lines up):
+        the number of optimizer steps before it."""
+        return trainer.global_step - 1 if trainer.global_step > 0 else 0
+
+    def is_write_step(self, trainer: L.Trainer, every_n_steps: int) -> bool:
+        """After a batch that completed an optimizer step whose 1-based number is a multiple of ``every_n_steps``."""
+        return self.stepped(trainer) and trainer.global_step % every_n_steps == 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.enabled:
@@ -146,9 +158,9 @@ class DiagnosticCallback(L.Callback):
             with torch.no_grad():
                 self.accumulate(trainer, pl_module, record)
             self._seen += 1
-        if self._seen and is_write_step(trainer, self.every_n_steps):
+        if self._seen and self.is_write_step(trainer, self.every_n_steps):
             with torch.no_grad():
-                self.write(trainer, pl_module, log_step(trainer))
+                self.write(trainer, pl_module, self.log_step(trainer))
             self._seen = 0
 
     def accumulate(self, trainer, pl_module, record: StepRecord) -> None:  # pragma: no cover - abstract

@@ -9,7 +9,7 @@ import torch
 
 from aropd.buckets import EDGES
 
-from .base import add_figure, has_tensorboard, log_step
+from .base import add_figure, has_tensorboard
 
 
 def _label(lo: float, hi: float) -> str:
@@ -45,13 +45,13 @@ class LongRolloutAccuracy(L.Callback):
         if self._runs % self.every_n_val_epochs or not has_tensorboard(trainer):
             return
         rows = {}
-        for name, metric in getattr(pl_module, "val_metrics", {}).items():
+        for name, metric in pl_module.val_metrics.items():
             if metric.update_count == 0:
                 continue
             _, bucket_acc, counts = metric.compute()  # a collective under DDP: every rank computes
             rows[name] = (bucket_acc.detach().cpu(), counts.detach().cpu())
         if rows:
-            add_figure(trainer, "fig/long_rollout_accuracy", lambda fig: self._draw(fig, rows), log_step(trainer))
+            add_figure(trainer, "fig/long_rollout_accuracy", lambda fig: self._draw(fig, rows), trainer.global_step)
 
     @staticmethod
     def _draw(fig, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

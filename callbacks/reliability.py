@@ -7,13 +7,14 @@ import math
 import torch
 
 from aropd import diagnostics as D
-from aropd.loss import StepRecord
+from aropd.loss import Probes
+from aropd.types import StepRecord
 
 from .base import DiagnosticCallback, accum_dtype, add_histogram, gather_across_ranks, log_scalars, sum_across_ranks
 
 
 class TeacherReliability(DiagnosticCallback):
-    """How reliable the full view is as the privileged context grows (DESIGN.md §2).
+    """How reliable the full view is as the privileged context grows (docs/diagnostics.md).
 
     Per rollout: privileged length ``L`` (full-view prompt tokens minus student prompt tokens) and the
     full view's support mismatch averaged over the rollout's completion tokens. Over the most recent
@@ -23,14 +24,16 @@ class TeacherReliability(DiagnosticCallback):
     Over the steps since the last write (token means, all ranks): ``diag/privileged_shift``
     (``KL(q_F ‖ q_P)``) and ``diag/residual_clip_frac`` (``q_F`` mass on clipped entries); and the
     histogram ``hist/residual`` of the clipped residual ``clamp(ℓ_F − ℓ_P, ±c)`` at the sampled
-    tokens (rank zero's tokens, TensorBoard only). The quartile tags need the support mismatch
-    (``support_top_p`` set); the rest do not.
+    tokens (rank zero's tokens, TensorBoard only). The clip fraction and the histogram need a target
+    with a residual (``AnchoredResidual``); the quartile tags need ``top_p`` set. The window is part of
+    the callback's state, so a resumed run logs what an uninterrupted one does.
     """
 
     def __init__(
         self,
         every_n_steps: int = 1,
         enabled: bool = True,
+        top_p: float | None = 0.9,
         window: int = 1024,
         histogram: bool = True,
         max_histogram_values: int = 65536,
@@ -39,11 +42,15 @@ class TeacherReliability(DiagnosticCallback):
         Args:
             every_n_steps: Write every this many optimizer steps.
             enabled: Off: the callback does nothing.
+            top_p: Nucleus mass of the full view's support mismatch behind the quartiles; null: no quartiles.
             window: Rollouts (most recent, all ranks) behind the quartiles and the correlation.
             histogram: Also write ``hist/residual`` (TensorBoard only).
             max_histogram_values: Cap on the residual values per histogram (the first ones of the interval).
         """
         super().__init__(every_n_steps, enabled)
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or null, got {top_p}")
+        self.top_p = top_p
         if window < 4:
             raise ValueError(f"window must be >= 4 rollouts, got {window}")
         self.window, self.histogram, self.max_histogram_values = window, histogram, max_histogram_values
@@ -52,9 +59,16 @@ class TeacherReliability(DiagnosticCallback):
         self._residuals: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._window = torch.zeros(0, 2, dtype=torch.float64)  # rank zero: (L, mismatch) of recent rollouts
 
+    @property
+    def probes(self) -> Probes:
+        return Probes(shift=True, residual=True, support_top_p=self.top_p)
+
     def accumulate(self, trainer, pl_module, record: StepRecord) -> None:
+        if record.shift is None:  # an SFT step has none
+            return
         mask = record.mask
-        sums = torch.stack([(record.shift * mask).sum(), (record.clip_frac * mask).sum(), mask.sum()])
+        clipped = (record.clip_frac * mask).sum() if record.clip_frac is not None else mask.new_tensor(math.nan)
+        sums = torch.stack([(record.shift * mask).sum(), clipped, mask.sum()])
         sums = sums.to(accum_dtype(mask.device))
         self._sums = sums if self._sums is None else self._sums + sums
         if record.mismatch is not None:
@@ -62,7 +76,7 @@ class TeacherReliability(DiagnosticCallback):
             mean_full = (record.mismatch[0] * mask).sum(-1) / tokens.clamp(min=1)
             length = record.privileged_len.to(device=mask.device, dtype=mean_full.dtype)
             self._samples.append(torch.stack([length, mean_full, (tokens > 0).to(mean_full.dtype)], -1))
-        if self.histogram:
+        if self.histogram and record.residual is not None:
             self._residuals.append((record.residual, mask))
 
     def write(self, trainer, pl_module, step: int) -> None:
@@ -71,7 +85,8 @@ class TeacherReliability(DiagnosticCallback):
             shift, clipped, tokens = sum_across_ranks(trainer, self._sums).tolist()
             if tokens > 0:
                 metrics["diag/privileged_shift"] = shift / tokens
-                metrics["diag/residual_clip_frac"] = clipped / tokens
+                if math.isfinite(clipped):  # a target without a residual clips nothing
+                    metrics["diag/residual_clip_frac"] = clipped / tokens
             self._sums = None
         if self._samples:
             samples = gather_across_ranks(trainer, torch.cat(self._samples)).cpu().double()
@@ -93,3 +108,9 @@ class TeacherReliability(DiagnosticCallback):
                 keep = torch.cat([m.flatten() for _, m in self._residuals]) > 0
                 add_histogram(trainer, "hist/residual", values[keep][: self.max_histogram_values], step)
             self._residuals = []
+
+    def state_dict(self) -> dict:
+        return {"window": self._window.tolist()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._window = torch.tensor(state_dict.get("window", []), dtype=torch.float64).reshape(-1, 2)

@@ -7,7 +7,8 @@ import math
 import torch
 
 from aropd import diagnostics as D
-from aropd.loss import StepRecord
+from aropd.loss import Probes
+from aropd.types import StepRecord
 
 from .base import DiagnosticCallback, accum_dtype, log_scalars, sum_across_ranks
 
@@ -15,7 +16,7 @@ FIELDS = ("events", "tokens", "event_rollouts", "rollouts", "target_prob_sum", "
 
 
 class ShortcutEvents(DiagnosticCallback):
-    """Shortcut events (DESIGN.md §2) and the early-answer rate, over each interval and cumulatively.
+    """Shortcut events (docs/diagnostics.md) and the early-answer rate, over each interval and cumulatively.
 
     An event is a completion token ``y_t`` with ``log q_F(y_t) − log q_P(y_t) ≥ delta`` and
     ``q_F(y_t) ≥ min_prob``. Writes, over the steps since the last write:
@@ -59,15 +60,21 @@ class ShortcutEvents(DiagnosticCallback):
         return dict(zip(FIELDS, self._total.tolist()))
 
     def _early_answers(self, pl_module, record: StepRecord) -> tuple[int, int]:
-        tokenizer = getattr(pl_module, "tokenizer", None)
-        if not self.early_answer or tokenizer is None or not record.answers:
+        tokenizer = pl_module.tokenizer
+        if not self.early_answer or not record.answers:
             return 0, 0
         lengths = record.mask.sum(-1).long().tolist()
         ids = record.completion_ids.tolist()  # lists: tensor rows cost the tokenizer a conversion per id
         texts = tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True)
         return D.early_answer_rate(texts, list(record.answers))
 
+    @property
+    def probes(self) -> Probes:
+        return Probes(sampled=True)
+
     def accumulate(self, trainer, pl_module, record: StepRecord) -> None:
+        if record.full_lp is None:  # an SFT step has none
+            return
         mask = record.mask > 0
         events = D.shortcut_events(record.full_lp, record.partial_lp, self.delta, self.min_prob) & mask
         device = mask.device

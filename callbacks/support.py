@@ -5,21 +5,20 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from aropd.buckets import EDGES, bucket_index, bucket_names
-from aropd.loss import StepRecord
+from aropd.loss import Probes
+from aropd.types import StepRecord
 
 from .base import (
-    DiagnosticCallback, accum_dtype, add_figure, has_tensorboard, is_write_step, log_scalars, log_step,
-    sum_across_ranks,
+    DiagnosticCallback, accum_dtype, add_figure, has_tensorboard, log_scalars, sum_across_ranks,
 )
 
 VIEWS = ("full", "partial", "target")
 
 
 class SupportMismatch(DiagnosticCallback):
-    """Support mismatch of the full view, the partial view and the target (DESIGN.md §2).
+    """Support mismatch of the full view, the partial view and the target (docs/diagnostics.md).
 
     Writes ``diag/support_mismatch/{full,partial,target}/pos_<lo>_<hi>`` (token mean within each
     completion-position bucket that had tokens) and ``.../mean`` (over all completion tokens),
@@ -28,14 +27,15 @@ class SupportMismatch(DiagnosticCallback):
     the tokens since the previous figure, every ``figure_every_n_steps`` steps and at the end of
     training. Drawing costs ~0.1 s of CPU whatever the model, as much as a whole step of the tiny
     quickstart model, hence its own, sparser interval (and its curve gets the tokens it needs).
-    Needs ``model.init_args.support_top_p`` set (the module computes the mismatch in its loss pass);
-    with it null this callback warns once and writes nothing.
+    The module computes the mismatch in its loss pass, with this callback's ``top_p``, only while
+    the callback is enabled.
     """
 
     def __init__(
         self,
         every_n_steps: int = 1,
         enabled: bool = True,
+        top_p: float = 0.9,
         figure: bool = True,
         figure_every_n_steps: int = 50,
         bin_width: int = 16,
@@ -45,6 +45,7 @@ class SupportMismatch(DiagnosticCallback):
         Args:
             every_n_steps: Write every this many optimizer steps, averaging the tokens in between.
             enabled: Off: the callback does nothing.
+            top_p: Mass of the student's nucleus (the reachable support), in (0, 1].
             figure: Also write the figure (TensorBoard only).
             figure_every_n_steps: Draw the figure every this many optimizer steps (and at the end).
             bin_width: Positions per point of the figure.
@@ -53,6 +54,9 @@ class SupportMismatch(DiagnosticCallback):
         super().__init__(every_n_steps, enabled)
         if bin_width < 1 or max_position < bin_width:
             raise ValueError(f"need 1 <= bin_width <= max_position, got {bin_width}, {max_position}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.top_p = top_p
         if figure_every_n_steps < 1:
             raise ValueError(f"figure_every_n_steps must be >= 1, got {figure_every_n_steps}")
         self.figure, self.figure_every_n_steps, self.bin_width = figure, figure_every_n_steps, bin_width
@@ -60,7 +64,6 @@ class SupportMismatch(DiagnosticCallback):
         self.n_bins = math.ceil(max_position / bin_width) + 1
         self._acc: torch.Tensor | None = None  # [4, buckets + bins]: mismatch sums of 3 views, token counts
         self._columns: torch.Tensor | None = None  # [2, L]: bucket and bin of positions 0..L-1
-        self._warned = False
 
     def _column_index(self, length: int, device: torch.device) -> torch.Tensor:
         """Accumulator columns ``[2·length]`` of positions 0..length-1: their bucket, then their figure bin."""
@@ -70,11 +73,12 @@ class SupportMismatch(DiagnosticCallback):
             self._columns = torch.stack([bucket_index(pos), bins]).to(device)
         return self._columns[:, :length].reshape(-1)
 
+    @property
+    def probes(self) -> Probes:
+        return Probes(support_top_p=self.top_p)
+
     def accumulate(self, trainer, pl_module, record: StepRecord) -> None:
-        if record.mismatch is None:
-            if not self._warned:
-                rank_zero_warn("SupportMismatch: the model computes no support mismatch (support_top_p is null)")
-                self._warned = True
+        if record.mismatch is None:  # an SFT step has none
             return
         mask = record.mask
         per_pos = torch.cat([(record.mismatch * mask).sum(1), mask.sum(0, keepdim=True)])  # [4, T]
@@ -85,12 +89,12 @@ class SupportMismatch(DiagnosticCallback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.enabled and self.figure and is_write_step(trainer, self.figure_every_n_steps):
-            self._write_figure(trainer, log_step(trainer))
+        if self.enabled and self.figure and self.is_write_step(trainer, self.figure_every_n_steps):
+            self._write_figure(trainer, self.log_step(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.enabled and self.figure:  # the last, partial interval
-            self._write_figure(trainer, log_step(trainer))
+            self._write_figure(trainer, trainer.global_step)
 
     def write(self, trainer, pl_module, step: int) -> None:
         if self._acc is None:

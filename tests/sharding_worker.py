@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from aropd.loss import distillation_loss  # noqa: E402
 from aropd.models import load_causal_lm  # noqa: E402
 from aropd.sharding import is_tied, reshard_all, shard_causal_lm  # noqa: E402
-from aropd.targets import anchored_residual_target  # noqa: E402
+from aropd.targets import AnchoredResidual
+from aropd.types import TeacherScores  # noqa: E402
 from aropd.teachers import EMATeacher, completion_hidden  # noqa: E402
 
 B, L, T = 4, 7, 6
@@ -51,10 +52,10 @@ def loss_and_backward(student, teacher, rows: list[int]) -> torch.Tensor:
     with torch.no_grad():
         th = completion_hidden(teacher, views[vrows], vmask[vrows], comp[rows].repeat(2, 1), cmask[rows].repeat(2, 1))
     sh = completion_hidden(student, ids[rows], mask[rows], comp[rows], cmask[rows])
-    target = functools.partial(anchored_residual_target, lam=0.8, clip=5.0)
+    n = len(rows)
     loss, _ = distillation_loss(
-        sh, th, student.get_output_embeddings(), teacher.get_output_embeddings(), comp[rows], cmask[rows],
-        target, 5.0, chunk_size=2,
+        sh, TeacherScores(full=th[:n], partial=th[n:]), student.get_output_embeddings(),
+        teacher.get_output_embeddings(), comp[rows], cmask[rows], AnchoredResidual(lam=0.8, clip=5.0), chunk_size=2,
     )
     loss.backward()
     return loss.detach()

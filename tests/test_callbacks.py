@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from aropd.callbacks import LongRolloutAccuracy, ShortcutEvents, SupportMismatch, TeacherReliability
-from aropd.loss import StepRecord
+from aropd.loss import Probes
+from aropd.types import StepRecord
 from aropd.metrics import BucketAccuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +31,9 @@ class Recorder:
 
 
 def fake_trainer(loggers=(), rank=0):
-    loop = SimpleNamespace(_batches_that_stepped=0, _should_accumulate=lambda: False)
     return SimpleNamespace(
-        world_size=1, is_global_zero=rank == 0, global_rank=rank, loggers=list(loggers),
-        fit_loop=SimpleNamespace(epoch_loop=loop), sanity_checking=False,
+        world_size=1, is_global_zero=rank == 0, global_rank=rank, loggers=list(loggers), global_step=0,
+        sanity_checking=False,
     )
 
 
@@ -48,7 +48,7 @@ def record(B=2, T=4, mismatch=True, **fields) -> StepRecord:
     z = torch.zeros(B, T)
     base = dict(
         mask=torch.ones(B, T), completion_ids=torch.zeros(B, T, dtype=torch.long), student_lp=z, full_lp=z,
-        partial_lp=z, target_lp=z, kl=z, shift=z, clip_frac=z, residual=z,
+        partial_lp=z, target_lp=z, shift=z, clip_frac=z, residual=z,
         mismatch=torch.zeros(3, B, T) if mismatch is True else (None if mismatch is False else mismatch), privileged_len=torch.arange(B), answers=["0"] * B,
     )
     base.update(fields)
@@ -56,11 +56,14 @@ def record(B=2, T=4, mismatch=True, **fields) -> StepRecord:
 
 
 def step(cbs, trainer, rec, module=None):
-    """One training batch through the callback(s), then advance the loop as Lightning does."""
+    """One training batch that ends in an optimizer step through the callback(s), as Lightning runs it."""
     outputs = {"loss": torch.tensor(0.0), "record": rec} if rec is not None else {"loss": torch.tensor(0.0)}
-    for cb in cbs if isinstance(cbs, list) else [cbs]:
+    cbs = cbs if isinstance(cbs, list) else [cbs]
+    for cb in cbs:
+        cb.on_train_batch_start(trainer, module, None, 0)
+    trainer.global_step += 1  # the optimizer step, before on_train_batch_end
+    for cb in cbs:
         cb.on_train_batch_end(trainer, module or SimpleNamespace(tokenizer=ToyTokenizer()), outputs, None, 0)
-    trainer.fit_loop.epoch_loop._batches_that_stepped += 1
 
 
 # ---- unit: each callback on hand-made records ---------------------------------------------------
@@ -101,13 +104,18 @@ def test_every_n_steps_accumulates_between_writes():
     assert log.last()["diag/support_mismatch/full/mean"] == pytest.approx(0.4)
 
 
-def test_support_mismatch_off_without_mismatch_and_when_disabled():
+def test_support_mismatch_writes_nothing_without_mismatch_or_when_disabled():
     log = Recorder()
     trainer = fake_trainer([log])
-    with pytest.warns(UserWarning, match="support_top_p"):
-        step(SupportMismatch(), trainer, record(mismatch=False))
+    step(SupportMismatch(), trainer, record(mismatch=False))
     step(SupportMismatch(enabled=False), trainer, record())
     assert log.rows == []
+
+
+def test_each_diagnostic_asks_for_what_it_reads():
+    assert SupportMismatch(top_p=0.8).probes == Probes(support_top_p=0.8)
+    assert ShortcutEvents().probes == Probes(sampled=True)
+    assert TeacherReliability(top_p=None).probes == Probes(shift=True, residual=True)
 
 
 def test_shortcut_events_counts_rates_and_early_answers():

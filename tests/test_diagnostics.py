@@ -100,15 +100,20 @@ def test_privileged_shift_is_kl_full_to_partial():
 
 
 def test_residual_clip_fraction_hand_worked():
+    from aropd.targets import AnchoredResidual
+
+    def clip_fraction(f, p, clip):
+        return D.residual_clip_fraction(f, AnchoredResidual(lam=0.8, clip=clip)(f, p, details=True).clipped)
+
     f = lp(0.7, 0.2, 0.1)
     p = lp(0.7 * math.exp(-3), 0.2, 1 - 0.2 - 0.7 * math.exp(-3))  # residuals 3, 0, ln(0.1/0.765) = -2.03
-    assert D.residual_clip_fraction(f, p, clip=2.5).item() == pytest.approx(0.7, rel=1e-5)
-    assert D.residual_clip_fraction(f, p, clip=2.0).item() == pytest.approx(0.8, rel=1e-5)  # |-2.03| > 2 too
-    assert D.residual_clip_fraction(f, p, clip=3.5).item() == pytest.approx(0.0)
-    assert D.residual_clip_fraction(f, p, clip=None).item() == 0.0
-    assert D.residual_clip_fraction(f, p, clip=math.inf).item() == 0.0
+    assert clip_fraction(f, p, clip=2.5).item() == pytest.approx(0.7, rel=1e-5)
+    assert clip_fraction(f, p, clip=2.0).item() == pytest.approx(0.8, rel=1e-5)  # |-2.03| > 2 too
+    assert clip_fraction(f, p, clip=3.5).item() == pytest.approx(0.0)
+    assert clip_fraction(f, p, clip=None).item() == 0.0
+    assert clip_fraction(f, p, clip=math.inf).item() == 0.0
     # Entries where both views have zero mass (NaN residual) are not clipped and carry no mass.
-    assert D.residual_clip_fraction(lp(1.0, 0.0), lp(1.0, 0.0), clip=1.0).item() == 0.0
+    assert clip_fraction(lp(1.0, 0.0), lp(1.0, 0.0), clip=1.0).item() == 0.0
 
 
 # ---- early answer ----------------------------------------------------------------------------------

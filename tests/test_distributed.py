@@ -139,7 +139,7 @@ def fit_cmd(root: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "aropd", "fit", "--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml",
         "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
         "--trainer.default_root_dir", str(root),
-        "--model.init_args.sampling.max_new_tokens", "16",
+        "--model.init_args.max_new_tokens", "16",
         "--trainer.callbacks+=aropd.checkpointing.ResumableCheckpoint", "--trainer.callbacks.every_n_train_steps", "2",
         "--trainer.callbacks+=run_recorders.LossRecorder", "--trainer.callbacks.out", str(root / "rec"),
         *extra,

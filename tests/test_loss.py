@@ -1,13 +1,17 @@
-import functools
-
 import pytest
 import torch
 
 from aropd.divergences import forward_kl, generalized_jsd, reverse_kl, sampled_token_kl
-from aropd.loss import distillation_loss, sequence_weights, sft_loss
-from aropd.targets import anchored_residual_target
+from aropd.loss import Probes, distillation_loss, sequence_weights, sft_loss
+from aropd.targets import AnchoredResidual
+from aropd.types import TeacherScores
 
 B, T, H, V = 3, 10, 8, 20
+EVERY = Probes(sampled=True, shift=True, residual=True, support_top_p=0.9)
+
+
+def _scores(teacher_h):
+    return TeacherScores(full=teacher_h[:B], partial=teacher_h[B:])
 
 
 def _setup(seed=0):
@@ -27,10 +31,9 @@ def _setup(seed=0):
 def _run(chunk, divergence="forward_kl", skip=0, seed=0):
     student_h, teacher_h, s_head, t_head, ids, mask = _setup(seed)
     student_h.requires_grad_(True)
-    target = functools.partial(anchored_residual_target, lam=0.8, clip=0.5)
     loss, rec = distillation_loss(
-        student_h, teacher_h, s_head, t_head, ids, mask, target, 0.5, divergence=divergence,
-        skip_tokens=skip, chunk_size=chunk,
+        student_h, _scores(teacher_h), s_head, t_head, ids, mask, AnchoredResidual(lam=0.8, clip=0.5),
+        divergence=divergence, skip_tokens=skip, chunk_size=chunk, probes=EVERY,
     )
     loss.backward()
     return loss.detach(), student_h.grad, s_head.weight.grad, rec
@@ -91,15 +94,31 @@ def test_record_holds_sampled_token_logprobs_and_kl():
     assert rec["student_lp"][b, t].item() == pytest.approx(s_lp[y].item(), abs=1e-6)
     assert rec["shift"][b, t].item() == pytest.approx(forward_kl(f_lp, p_lp).item(), abs=1e-6)
     assert rec["residual"][b, t].item() == pytest.approx((f_lp - p_lp).clamp(-0.5, 0.5)[y].item(), abs=1e-6)
+    r = f_lp - p_lp
+    assert rec["clip_frac"][b, t].item() == pytest.approx((f_lp.exp() * (r.abs() > 0.5)).sum().item(), abs=1e-6)
     assert rec["mismatch"].shape == (3, B, T) and ((rec["mismatch"] >= 0) & (rec["mismatch"] <= 1)).all()
+
+
+def test_no_probes_record_nothing_and_leave_the_loss_unchanged():
+    loss_all, *_, rec_all = _run(4)
+    student_h, teacher_h, s_head, t_head, ids, mask = _setup()
+    loss, rec = distillation_loss(student_h, _scores(teacher_h), s_head, t_head, ids, mask,
+                                  AnchoredResidual(lam=0.8, clip=0.5), chunk_size=4)
+    assert rec == {} and len(rec_all) == 8
+    assert loss.item() == loss_all.item()
+
+
+def test_missing_view_is_an_error_naming_it():
+    student_h, teacher_h, s_head, t_head, ids, mask = _setup()
+    with pytest.raises(ValueError, match=r"\['partial'\]"):
+        distillation_loss(student_h, TeacherScores(full=teacher_h[:B]), s_head, t_head, ids, mask, AnchoredResidual())
 
 
 def test_no_loss_tokens_gives_zero_loss_without_nan():
     student_h, teacher_h, s_head, t_head, ids, _ = _setup()
     student_h.requires_grad_(True)
     mask = torch.zeros(B, T, dtype=torch.long)
-    target = functools.partial(anchored_residual_target, lam=0.8, clip=5.0)
-    loss, _ = distillation_loss(student_h, teacher_h, s_head, t_head, ids, mask, target, 5.0, chunk_size=4)
+    loss, _ = distillation_loss(student_h, _scores(teacher_h), s_head, t_head, ids, mask, AnchoredResidual(), chunk_size=4)
     loss.backward()
     assert loss.item() == 0.0 and not student_h.grad.isnan().any() and student_h.grad.abs().sum() == 0
 

@@ -5,8 +5,11 @@ import torch
 from aropd.data import PrivilegedDataModule
 from aropd.models import build_tiny_llama, train_tiny_tokenizer
 from aropd.module import PrivilegedDistillation
-from aropd.rollout import Rollout, completion_mask
-from aropd.teachers import EMATeacher, SeparateTeacher, completion_hidden, left_pad_stack
+from aropd.loss import Probes
+from aropd.rollout import completion_mask
+from aropd.targets import AnchoredResidual, FullView, PartialView
+from aropd.teachers import EMATeacher, SeparateTeacher, completion_hidden, score_views
+from aropd.types import Rollout
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +48,23 @@ def test_completion_positions_align_with_unpadded_forward(module, batch):
     assert batch.student_mask[:, 0].min() == 0  # the batch really is left-padded somewhere
 
 
+def _rollout(batch, completion):
+    return Rollout(prompt_ids=batch.student_ids, prompt_mask=batch.student_mask, completion_ids=completion,
+                   completion_mask=torch.ones_like(completion))
+
+
 def test_dual_view_batched_forward_equals_separate_forwards(module, batch):
     t = module.teacher_model
     completion = torch.randint(5, 300, (batch.full_ids.shape[0], 5))
     cmask = torch.ones_like(completion)
-    ids, mask = left_pad_stack(batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, 0)
+    r = _rollout(batch, completion)
+    both = score_views(t, batch, r, frozenset({"full", "partial"}), 0)
+    only_full = score_views(t, batch, r, frozenset({"full"}), 0)
     with torch.no_grad():
-        both = completion_hidden(t, ids, mask, completion.repeat(2, 1), cmask.repeat(2, 1))
         full = completion_hidden(t, batch.full_ids, batch.full_mask, completion, cmask)
         part = completion_hidden(t, batch.partial_ids, batch.partial_mask, completion, cmask)
-    n = completion.shape[0]
-    assert torch.allclose(both[:n], full, atol=1e-4) and torch.allclose(both[n:], part, atol=1e-4)
+    assert torch.allclose(both.full, full, atol=1e-4) and torch.allclose(both.partial, part, atol=1e-4)
+    assert torch.allclose(only_full.full, full, atol=1e-4) and only_full.partial is None
     assert not torch.allclose(full, part, atol=1e-3)  # the views really differ
 
 
@@ -75,7 +84,7 @@ def test_gradients_reach_only_the_student(tiny_path, batch):
     grads = [p.grad for p in m.student.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     rec = out["record"]
-    assert rec.kl.shape == rec.mask.shape == out["record"].completion_ids.shape
+    assert rec.mask.shape == rec.completion_ids.shape
     assert torch.isfinite(out["loss"])
 
 
@@ -84,17 +93,18 @@ def test_eos_first_rollout_carries_one_token_and_no_nan(module, batch):
     n = batch.student_ids.shape[0]
     completion = torch.full((n, 4), module.tokenizer.pad_token_id)
     completion[:, 0] = eos
-    r = Rollout(batch.student_ids, batch.student_mask, completion, completion_mask(completion, [eos]))
+    r = Rollout(prompt_ids=batch.student_ids, prompt_mask=batch.student_mask, completion_ids=completion,
+                completion_mask=completion_mask(completion, [eos]))
     assert r.completion_mask.sum(-1).tolist() == [1] * n
     from aropd.loss import distillation_loss
 
-    with torch.no_grad():
-        ids, mask = left_pad_stack(batch.full_ids, batch.full_mask, batch.partial_ids, batch.partial_mask, 0)
-        th = completion_hidden(module.teacher_model, ids, mask, completion.repeat(2, 1), r.completion_mask.repeat(2, 1))
-    sh = completion_hidden(module.student, *r)
+    scores = score_views(module.teacher_model, batch, r, frozenset({"full", "partial"}), module.tokenizer.pad_token_id)
+    sh = completion_hidden(module.student, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     head = module.student.get_output_embeddings()
-    loss, rec = distillation_loss(sh, th, head, head, completion, r.completion_mask, module.target_fn, module.clip)
+    every = Probes(sampled=True, shift=True, residual=True, support_top_p=0.9)
+    loss, rec = distillation_loss(sh, scores, head, head, completion, r.completion_mask, module.target, probes=every)
     assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in rec.values())
+    assert set(rec) == {"student_lp", "full_lp", "partial_lp", "target_lp", "shift", "residual", "clip_frac", "mismatch"}
 
 
 class _Snapshots(L.Callback):
@@ -145,16 +155,52 @@ def test_separate_teacher_with_the_same_tokenizer_loads(tiny_path, module):
 
 
 @pytest.mark.parametrize(
-    "kwargs,option", [({"lam": -1.0}, "lam"), ({"clip": 0.0}, "clip"), ({"jsd_beta": 2.0}, "jsd_beta"),
-                      ({"skip_tokens": -1}, "skip_tokens")]
+    "make,option",
+    [(lambda p: AnchoredResidual(lam=-1.0), "lam"), (lambda p: AnchoredResidual(lam=float("inf")), "lam"),
+     (lambda p: AnchoredResidual(lam=float("nan")), "lam"), (lambda p: AnchoredResidual(clip=0.0), "clip"),
+     (lambda p: PrivilegedDistillation(p, divergence="jsd", jsd_beta=2.0), "jsd_beta"),
+     (lambda p: PrivilegedDistillation(p, jsd_beta=0.3), "jsd_beta"),  # forward KL takes no β: an option that does nothing
+     (lambda p: PrivilegedDistillation(p, skip_tokens=-1), "skip_tokens"),
+     (lambda p: PrivilegedDistillation(p, max_new_tokens=0), "max_new_tokens")],
 )
-def test_bad_options_raise_naming_them(tiny_path, kwargs, option):
+def test_bad_options_raise_naming_them(tiny_path, make, option):
     with pytest.raises(ValueError, match=option):
-        PrivilegedDistillation(student=tiny_path, **kwargs)
+        make(tiny_path)
 
 
-def test_method_presets_set_lambda_and_clip(tiny_path):
-    assert (PrivilegedDistillation(tiny_path, method="full_opd").lam, PrivilegedDistillation(tiny_path, method="full_opd").clip) == (1.0, None)
-    assert PrivilegedDistillation(tiny_path, method="partial_opd").lam == 0.0
-    m = PrivilegedDistillation(tiny_path, method="ar_opd", lam=1.2, clip=2.0)
-    assert (m.lam, m.clip) == (1.2, 2.0)
+def test_probes_follow_the_enabled_callbacks_and_the_views_follow_target_and_probes(tiny_path, batch):
+    """With no diagnostic on, the step records nothing and scores only the target's view(s)."""
+    from aropd.callbacks import ShortcutEvents, SupportMismatch, TeacherReliability
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((pl_module.probes, outputs["record"], float(outputs["loss"])))
+
+    def fit(target, callbacks):
+        seen.clear()
+        m = PrivilegedDistillation(student=tiny_path, target=target, max_new_tokens=8)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, Spy()])
+        trainer.fit(m, PrivilegedDataModule(tokenizer=tiny_path, batch_size=2, max_new_tokens=8))
+        return seen[0]
+
+    probes, rec, lone = fit(FullView(), [SupportMismatch(enabled=False), ShortcutEvents(enabled=False)])
+    assert probes == Probes() and probes.views == frozenset()
+    assert all(getattr(rec, f) is None for f in ("student_lp", "full_lp", "shift", "residual", "mismatch"))
+    # Scoring the full view alone (narrower padding) trains on the same loss as scoring both.
+    _, rec, both = fit(FullView(), [ShortcutEvents()])
+    assert rec.full_lp is not None and lone == pytest.approx(both, rel=1e-6)
+    probes, rec, _ = fit(AnchoredResidual(), [SupportMismatch(top_p=0.8), ShortcutEvents(), TeacherReliability(top_p=0.8)])
+    assert probes == Probes(sampled=True, shift=True, residual=True, support_top_p=0.8)
+    assert rec.mismatch.shape == (3, *rec.mask.shape) and rec.residual.shape == rec.mask.shape
+    with pytest.raises(ValueError, match="different top_p"):
+        fit(AnchoredResidual(), [SupportMismatch(top_p=0.8), TeacherReliability(top_p=0.9)])
+
+
+def test_score_views_scores_only_the_views_asked_for(module, batch):
+    r = _rollout(batch, torch.randint(5, 300, (batch.full_ids.shape[0], 3)))
+    assert FullView().views == {"full"} and PartialView().views == {"partial"}
+    s = score_views(module.teacher_model, batch, r, PartialView().views, 0)
+    assert s.full is None and s.partial.shape[:2] == (batch.full_ids.shape[0], 3)

@@ -16,7 +16,6 @@ from aropd.rollout import (
     GenerationWindowSampler,
     HFGenerate,
     LeanDecode,
-    Rollout,
     RolloutEngine,
     SamplingConfig,
     completion_mask,
@@ -27,6 +26,7 @@ from aropd.rollout import (
     seeded,
 )
 from aropd.teachers import completion_hidden
+from aropd.types import Rollout
 
 CPU = torch.device("cpu")
 
@@ -94,11 +94,12 @@ def test_sampled_logprobs_match_a_teacher_forced_forward(model, prompts, ids):
     eos, pad = ids
     stops = eos + list(range(40, 44))  # a few common ids end completions too: rows leave at different steps
     with seeded(11, CPU):
-        r, lp = LeanDecode().decode(model, *prompts, s, stops, pad)
+        r = LeanDecode().decode(model, *prompts, s, stops, pad)
+        lp = r.logprobs
     lengths = r.completion_mask.sum(-1)
     assert len(set(lengths.tolist())) > 3  # rows were dropped at different steps
     with torch.no_grad():
-        h = completion_hidden(model, *r)
+        h = completion_hidden(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
         ref = model.get_output_embeddings()(h).float().log_softmax(-1)
     ref = ref.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask
     assert torch.allclose(lp, ref, atol=1e-5, rtol=0)
@@ -214,7 +215,8 @@ class PromptHash(RolloutEngine):
         ids[torch.arange(len(ids)), ends] = eos_ids[0]
         mask = completion_mask(ids, eos_ids)
         width = int(mask.sum(-1).max())
-        return Rollout(prompt_ids, prompt_mask, ids.masked_fill(mask == 0, pad_id)[:, :width], mask[:, :width])
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                       completion_ids=ids.masked_fill(mask == 0, pad_id)[:, :width], completion_mask=mask[:, :width])
 
 
 class _Record(L.Callback):
@@ -239,8 +241,8 @@ def _fit(tiny_path, examples, generation_batch_size, accumulate, steps):
     L.seed_everything(0)
     engine = PromptHash()
     m = PrivilegedDistillation(
-        student=tiny_path, engine=engine, sampling=SamplingConfig(max_new_tokens=12),
-        optimizer=lambda p: torch.optim.SGD(p, 0.5), support_top_p=None,
+        student=tiny_path, engine=engine, max_new_tokens=12,
+        optimizer=lambda p: torch.optim.SGD(p, 0.5),
     )
     dm = PrivilegedDataModule(tokenizer=tiny_path, batch_size=8, max_new_tokens=12,
                               generation_batch_size=generation_batch_size)

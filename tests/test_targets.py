@@ -69,3 +69,27 @@ def test_bad_lam_or_clip_raises_naming_the_option(lam, clip, option):
     full, partial = _views()
     with pytest.raises(ValueError, match=option):
         anchored_residual_target(full, partial, lam, clip)
+
+
+def test_single_view_targets_equal_the_anchored_endpoints_bit_for_bit():
+    from aropd.targets import FullView, PartialView
+
+    g = torch.Generator().manual_seed(3)
+    full, partial = (torch.randn(2, 5, 11, generator=g).log_softmax(-1) for _ in range(2))
+    assert torch.equal(FullView()(full, None).logprobs, anchored_residual_target(full, partial, 1.0, None))
+    assert torch.equal(PartialView()(None, partial).logprobs, anchored_residual_target(full, partial, 0.0, 5.0))
+
+
+def test_anchored_residual_reports_its_clipped_residual_and_clip_mask():
+    """The residual and clip mask the diagnostics read are the ones the target applied, worked by hand."""
+    from aropd.targets import AnchoredResidual
+
+    full = torch.tensor([[0.0, -1.0, -7.0, float("-inf")]])
+    partial = torch.tensor([[-3.0, -1.5, -0.5, float("-inf")]])
+    out = AnchoredResidual(lam=0.5, clip=2.0)(full, partial, details=True)
+    # ℓ_F − ℓ_P = [3, 0.5, -6.5, nan]: clipped to [2, 0.5, -2, ·]; only the first and third were clipped.
+    assert out.residual[0, :3].tolist() == [2.0, 0.5, -2.0]
+    assert out.clipped.tolist() == [[True, False, True, False]]
+    logits = torch.tensor([-3.0 + 0.5 * 2.0, -1.5 + 0.5 * 0.5, -0.5 + 0.5 * -2.0, float("-inf")])
+    assert torch.allclose(out.logprobs[0], logits.log_softmax(-1))
+    assert AnchoredResidual(lam=1.0, clip=None)(full, partial, details=True).clipped is None
