@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from aropd.paths import resolve
+
 # A minimal ChatML-like template for tokenizers that ship none (the tiny offline model).
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -19,6 +21,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _split_gguf(name: str) -> tuple[str, str | None]:
     # "folder/model.gguf" loads through transformers' GGUF reader (needs `gguf` and `accelerate`).
+    name = resolve(name)
     p = Path(name)
     return (str(p.parent), p.name) if p.suffix == ".gguf" else (name, None)
 

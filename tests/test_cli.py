@@ -78,3 +78,49 @@ def test_fit_on_a_fixed_batch_lowers_kl_to_the_target(tmp_path, monkeypatch, tok
     kl = [v for _, v in s["train/loss"]]
     assert sum(kl[-3:]) / 3 < 0.9 * sum(kl[:3]) / 3  # a frozen student would stay within noise (~3%)
     assert all(v > 0 for _, v in s["diag/privileged_shift"])
+
+
+def test_quickstart_runs_from_another_working_directory(tmp_path, monkeypatch):
+    """Packaged assets named `aropd/assets/...` in a config resolve inside the package."""
+    monkeypatch.chdir(tmp_path)  # no aropd/ folder here
+    cli = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(TINY_CONF),
+                "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", "out"])
+    assert cli.trainer.global_step == 1
+    assert (tmp_path / "out").is_dir()
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("ar_opd", {"class_path": "aropd.targets.AnchoredResidual", "init_args": {"lam": 0.8, "clip": 5.0}}),
+    ("full_opd", {"class_path": "aropd.targets.FullView"}),
+    ("partial_opd", {"class_path": "aropd.targets.PartialView"}),
+    ("sft", None),
+])
+def test_saved_hyperparameters_are_what_trained(tmp_path, monkeypatch, method, expected):
+    monkeypatch.chdir(ROOT)
+    import yaml
+
+    cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(TINY_CONF),
+                "--config", f"configs/methods/{method}.yaml", "--trainer.max_steps", "1",
+                "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)])
+    log_dir = Path(cli.trainer.log_dir)
+    hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
+    config = yaml.safe_load((log_dir / "config.yaml").read_text())["model"]
+    model = cli.model
+    if expected is None:
+        assert type(model).__name__ == "SupervisedFineTuning" and "target" not in hparams and "lam" not in hparams
+        return
+    assert hparams["target"] == expected and config["init_args"]["target"] == expected
+    assert "lam" not in hparams and "method" not in hparams  # the target's own args are the only place λ lives
+    trained = model.target  # the object that trained carries those values
+    assert type(trained).__name__ == expected["class_path"].rsplit(".", 1)[1]
+    assert vars(trained) == expected.get("init_args", {})
+
+
+@pytest.mark.parametrize("option", ["--model.init_args.target.init_args.lam", "--model.init_args.lam"])
+def test_lambda_on_a_full_opd_run_is_an_error_naming_it(monkeypatch, capsys, option):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", "configs/quickstart.yaml", "--config", "configs/methods/full_opd.yaml",
+              option, "0.3", "--print_config"])
+    assert e.value.code != 0
+    assert "lam" in capsys.readouterr().err
