@@ -59,6 +59,8 @@ def main(args: list[str] | None = None) -> AropdCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        # `--trainer.max_step 5` must be an error, not silently `max_steps`.
+        parser_kwargs={"allow_abbrev": False},
         args=args,
         auto_configure_optimizers=False,
     )

@@ -133,6 +133,19 @@ class StudentModule(L.LightningModule):
         finally:
             self.student.train(was_training)
 
+    def check_finite(self, loss: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+        """Stop before the optimizer step when the loss is not finite, naming the first input that is not.
+
+        One host sync on the loss; the inputs are looked at only when it fails.
+        """
+        if bool(torch.isfinite(loss)):
+            return
+        culprit = next((name for name, t in inputs.items() if t is not None and not bool(torch.isfinite(t).all())), None)
+        where = f"the {culprit} is not finite" if culprit else "its inputs are finite, so the loss computation overflowed"
+        raise FloatingPointError(
+            f"non-finite loss ({float(loss)}) at global step {self.global_step}: {where}; no optimizer step was taken"
+        )
+
     def log_train(self, loss: torch.Tensor, mask: torch.Tensor) -> None:
         bs = mask.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -320,6 +333,8 @@ class PrivilegedDistillation(StudentModule):
                 divergence=self.hparams.divergence, jsd_beta=self.hparams.jsd_beta,
                 skip_tokens=self.hparams.skip_tokens, chunk_size=self.hparams.loss_chunk_size, probes=self.probes,
             )
+        self.check_finite(**{"loss": loss, "full-view teacher output": scores.full,
+                             "partial-view teacher output": scores.partial, "student output": student_h})
         record = StepRecord(
             mask=rollout.completion_mask.float(), completion_ids=rollout.completion_ids,
             privileged_len=batch.privileged_len, answers=batch.answers, **per_pos,

@@ -31,5 +31,6 @@ class SupervisedFineTuning(StudentModule):
             hidden, self.student.get_output_embeddings(), batch.reference_ids, batch.reference_mask,
             self.hparams.loss_chunk_size,
         )
+        self.check_finite(loss, **{"student output": hidden})
         self.log_train(loss, batch.reference_mask)
         return loss

@@ -124,3 +124,18 @@ def test_lambda_on_a_full_opd_run_is_an_error_naming_it(monkeypatch, capsys, opt
               option, "0.3", "--print_config"])
     assert e.value.code != 0
     assert "lam" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--trainer.max_step", "5"], "--trainer.max_step"),  # an abbreviation is not taken for max_steps
+    (["--config", "configs/methods/ar_opd.yaml", "--model.init_args.target.init_args.lam", ".inf"], "lam"),
+    (["--config", "configs/methods/ar_opd.yaml", "--model.init_args.target.init_args.lam", "nan"], "lam"),
+])
+def test_bad_options_are_rejected_before_any_work_naming_them(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises((SystemExit, ValueError)) as e:
+        main(["fit", "--config", "configs/quickstart.yaml", "--config", str(TINY_CONF), *args,
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)])
+    text = str(e.value) + capsys.readouterr().err
+    assert not (tmp_path / "lightning_logs").exists()  # nothing written before the options were checked
+    assert needle in text

@@ -204,3 +204,19 @@ def test_score_views_scores_only_the_views_asked_for(module, batch):
     assert FullView().views == {"full"} and PartialView().views == {"partial"}
     s = score_views(module.teacher_model, batch, r, PartialView().views, 0)
     assert s.full is None and s.partial.shape[:2] == (batch.full_ids.shape[0], 3)
+
+
+def test_a_nan_teacher_view_stops_the_run_before_the_optimizer_step_naming_it(tiny_path):
+    m = PrivilegedDistillation(student=tiny_path, max_new_tokens=8)
+    m.configure_model()
+    before = [p.detach().clone() for p in m.student.parameters()]
+
+    def poison_partial_rows(module, inputs, out):  # score_views stacks the full rows, then the partial ones
+        return out.index_fill(0, torch.arange(out.shape[0] // 2, out.shape[0]), float("nan"))
+
+    m.teacher_model.model.norm.register_forward_hook(poison_partial_rows)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(FloatingPointError, match="global step 0: the partial-view teacher output is not finite"):
+        trainer.fit(m, PrivilegedDataModule(tokenizer=tiny_path, batch_size=2, max_new_tokens=8))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.student.parameters()))  # no step was taken
