@@ -8,7 +8,6 @@ tokenized once at set-up with the student's chat template.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from aropd.checkpointing import ResumableDataLoader
+from aropd.io import read_records
 from aropd.rollout import GenerationWindow, GenerationWindowSampler, WindowKeyed, run_seed
 from aropd.types import PrivilegedBatch, PromptBatch
 from aropd.views import PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
@@ -50,39 +50,9 @@ class BenchmarkSpec:
 
 
 def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a JSONL/JSON/parquet file, a saved ``datasets`` folder, or a hub dataset id.
-
-    JSONL is read line by line so an error can name the line; the rest goes through ``datasets``.
-    """
-    path = Path(source)
-    if path.suffix in (".jsonl", ".json"):
-        if not path.is_file():
-            raise FileNotFoundError(f"training data file not found: {source}")
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{source}: record {len(rows)} (line {i + 1}) is not valid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{source}: record {len(rows)} (line {i + 1}) is not a JSON object")
-            rows.append(row)
-        return rows
-    import datasets
-
-    if path.suffix == ".parquet":
-        if not path.is_file():
-            raise FileNotFoundError(f"training data file not found: {source}")
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    elif path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(source, split=split)
-    return list(ds)
+    """Rows of a JSONL/JSON/CSV/parquet file, a saved ``datasets`` folder, or a hub dataset id
+    (:func:`aropd.io.read_records`; its errors name the file and the line)."""
+    return read_records(source, split)
 
 
 def check_records(rows: list[dict[str, Any]], fields: FieldNames, source: str) -> None:

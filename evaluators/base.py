@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from aropd.io import RecordError, read_records
+
+__all__ = ["Benchmark", "RecordError", "Verdict", "require"]
 
 
 @dataclass(frozen=True)
@@ -14,50 +16,6 @@ class Verdict:
     correct: bool
     extracted: str | None
     reason: str
-
-
-class RecordError(ValueError):
-    """A malformed benchmark record: the message names the source, the record index and the field."""
-
-
-def _read_local(path: Path, split: str | None) -> list[dict]:
-    """Raw rows of a local JSONL (optionally .gz), JSON list, parquet file or saved ``datasets``
-    folder."""
-    if path.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split and split in ds:
-                ds = ds[split]
-            elif len(ds) == 1:
-                ds = next(iter(ds.values()))
-            else:
-                raise ValueError(f"{path}: saved DatasetDict has splits {sorted(ds)}; none is {split!r}")
-        return [dict(r) for r in ds]
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(path)).to_pylist()
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if name.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise RecordError(f"{path}: record {i}: expected a JSON object, got {type(r).__name__}")
-    return rows
 
 
 def require(row: dict, key: str, types: type | tuple[type, ...], where: str, i: int,
@@ -108,11 +66,11 @@ class Benchmark:
         if data_path is None and self.default_path is not None:
             data_path = self.default_path()
         if data_path is not None:
-            path = Path(data_path).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"{self.name}: data file {str(path)!r} does not exist")
-            where = str(path)
-            rows = _read_local(path, self.split)
+            where = str(Path(data_path).expanduser())
+            try:
+                rows = read_records(where, self.split, hub=False)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{self.name}: {e}") from None
         else:
             where = f"{self.hub_id} (split {self.split})"
             rows = self._load_hub()
@@ -128,12 +86,10 @@ class Benchmark:
         return records
 
     def _load_hub(self) -> list[dict]:
-        import datasets
-
         rows: list[dict] = []
         for cfg in self.hub_configs:
             try:
-                ds = datasets.load_dataset(self.hub_id, cfg, split=self.split)
+                ds = read_records(self.hub_id, self.split, config=cfg)
             except Exception as e:  # no network, gated dataset, ...
                 raise RuntimeError(
                     f"{self.name}: could not load {self.hub_id}"

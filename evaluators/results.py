@@ -18,8 +18,8 @@
       "meta": {...}                                          # whatever the caller passed
     }
 
-An empty bucket has accuracy ``null`` and count 0. Files are written under a temporary name and
-renamed, so a reader never sees half a file.
+An empty bucket has accuracy ``null`` and count 0. Files are written atomically
+(:func:`aropd.io.atomic_write_text`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from aropd.buckets import EDGES, bucket_index, bucket_names
+from aropd.io import atomic_write_text
 
 from .base import Benchmark, Verdict
 from .grade_code import pass_at_k
@@ -112,15 +113,6 @@ def summarize(name: str, rows: list[dict]) -> dict:
     return s
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: str | os.PathLike, per_benchmark: dict[str, list[dict]], meta: dict) -> dict:
     """Write ``<benchmark>.jsonl`` per benchmark and ``results.json`` into ``out_dir``; return the
     summary that ``results.json`` holds."""
@@ -130,7 +122,8 @@ def write_results(out_dir: str | os.PathLike, per_benchmark: dict[str, list[dict
     for name, rows in per_benchmark.items():
         if "/" in name or name.startswith("."):
             raise ValueError(f"benchmark name {name!r} cannot be a file name")
-        _atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+        lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+        atomic_write_text(out / f"{name}.jsonl", lines)
         benches[name] = summarize(name, rows)
     accs = [b["accuracy"] for b in benches.values() if b["accuracy"] is not None]
     all_rows = [r for rows in per_benchmark.values() for r in rows]
@@ -143,5 +136,5 @@ def write_results(out_dir: str | os.PathLike, per_benchmark: dict[str, list[dict
         "length_edges": [("inf" if math.isinf(e) else int(e)) for e in EDGES],
         "meta": meta,
     }
-    _atomic_write(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     return summary

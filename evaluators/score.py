@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from aropd.io import read_records
 
 from .base import RecordError
 from .registry import BENCHMARKS, get_benchmark
@@ -23,25 +24,15 @@ from .results import sample_rows, write_results
 
 
 def read_responses(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"responses file {path!r} does not exist")
-    rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise RecordError(f"{path}: line {n}: expected a JSON object")
+    """The samples of a responses file (:func:`aropd.io.read_records`: JSONL, or any format it reads),
+    each checked for ``id`` and a string ``response``."""
+    rows = read_records(path, hub=False)
+    for i, row in enumerate(rows):
         for key in ("id", "response"):
             if key not in row:
-                raise RecordError(f"{path}: line {n}: missing field {key!r}")
+                raise RecordError(f"{path}: record {i}: missing field {key!r}")
         if not isinstance(row["response"], str):
-            raise RecordError(f"{path}: line {n}: field 'response' should be a string")
-        rows.append(row)
+            raise RecordError(f"{path}: record {i}: field 'response' should be a string")
     return rows
 
 

@@ -32,7 +32,7 @@ def test_missing_field_names_file_record_and_field(tmp_path, tiny_path):
 def test_invalid_json_names_file_and_line(tmp_path, tiny_path):
     p = tmp_path / "broken.jsonl"
     p.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"broken\.jsonl: record 1 \(line 2\)"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl: line 2: not valid JSON"):
         _dm(tiny_path, str(p))
 
 

@@ -103,7 +103,7 @@ def test_aropd_score_errors_are_named(tmp_path, capsys):
         (["--benchmark", "toy", "--responses", _jsonl(tmp_path / "b.jsonl", ['{"id": "0", "response": "x"}', "{bad"]),
           "--out", str(tmp_path), "--data", data], "b.jsonl: line 2: not valid JSON"),
         (["--benchmark", "toy", "--responses", _jsonl(tmp_path / "m.jsonl", [{"id": "0"}]),
-          "--out", str(tmp_path), "--data", data], "line 1: missing field 'response'"),
+          "--out", str(tmp_path), "--data", data], "m.jsonl: record 0: missing field 'response'"),
         (["--benchmark", "toy", "--responses", good, "--out", str(tmp_path), "--data", str(tmp_path / "no.jsonl")],
          "no.jsonl"),
     ]
