@@ -10,14 +10,16 @@ Sources and how a row is split (every rule below is tested on hand-worked rows):
 * ``math`` — NuminaMath-CoT (``AI-MO/NuminaMath-CoT``). The question is ``problem`` and the
   solution ``solution``; a row without both as non-empty strings is read from ``messages``, which
   must be exactly one user turn then one assistant turn. The answer is the content of the last
-  ``\\boxed{...}`` (nested braces matched, ``\\{``/``\\}`` are literal). The reasoning is the
+  ``\\boxed{...}`` or ``\\fbox{...}``, read as the graders read it (:mod:`aropd.answers`: nested
+  braces matched, ``\\{``/``\\}`` are literal). The reasoning is the
   solution with every ``\\boxed{X}`` replaced by its content ``X``, so the closing sentence stays
   whole ("the answer is $12$.") and no ``\\boxed`` remains. Dropped: no ``\\boxed`` (``no_boxed``),
-  one without a balanced ``{...}`` group (``malformed_boxed``), an empty one (``empty_answer``),
+  one without a balanced ``{...}`` group, e.g. ``\\boxed 5`` (``malformed_boxed``), an empty one (``empty_answer``),
   several boxes with different contents, which are multi-part answers the last box would silently
   truncate (``multiple_answers``), and a solution that is nothing but the box (``empty_reasoning``).
 * ``code`` — Magicoder-Evol-Instruct-110K (``ise-uiuc/Magicoder-Evol-Instruct-110K``). The question
-  is ``instruction``; the answer is the *main* fenced code block of ``response``: among the blocks
+  is ``instruction``; the answer is the *main* fenced code block of ``response`` (fences as
+  :mod:`aropd.answers` reads them): among the blocks
   tagged with a language other than ``text``/``output``/``console``… (all blocks when none is), the
   last with at least half as many non-blank lines as the longest. That skips printed output,
   trailing usage examples and leading ``pip install`` lines (short), yet prefers a corrected version
@@ -53,7 +55,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -61,6 +62,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from aropd.answers import LANGUAGE_ALIASES, Box, CodeBlock, code_blocks, find_boxes
+from aropd.io import RecordError, Records, atomic_writes, open_records
 from aropd.views import PromptTemplate, render
 
 
@@ -95,49 +98,21 @@ def _has_alnum(text: str) -> bool:
 # math: NuminaMath-CoT
 
 
-_BOXED = re.compile(r"\\boxed(?![A-Za-z])")
-
-
-def find_boxed(text: str) -> list[tuple[int, int, str]]:
-    """Every ``\\boxed{...}`` in ``text`` as ``(start, end, content)``, in order.
-
-    Braces nest; a backslash escapes the next character, so ``\\{`` and ``\\}`` are literal braces.
-    Raises ``Drop("malformed_boxed")`` for a ``\\boxed`` not followed by a balanced ``{...}`` group.
-    """
-    out = []
-    for m in _BOXED.finditer(text):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i >= len(text) or text[i] != "{":
-            raise Drop("malformed_boxed")
-        depth, j = 0, i
-        while j < len(text):
-            ch = text[j]
-            if ch == "\\":
-                j += 2
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            j += 1
-        if depth != 0 or j >= len(text):
-            raise Drop("malformed_boxed")
-        if out and m.start() < out[-1][1]:
-            continue  # a \boxed nested inside the previous one is part of its content
-        out.append((m.start(), j + 1, text[i + 1 : j]))
-    return out
+def find_boxed(text: str) -> list[Box]:
+    """Every top-level box in ``text`` (:func:`aropd.answers.find_boxes`); a bare ``\\boxed 5`` or an
+    unbalanced group drops the row (``malformed_boxed``): unboxing the reasoning needs its braces."""
+    boxes = find_boxes(text)
+    if any(not b.braced or b.content is None for b in boxes):
+        raise Drop("malformed_boxed")
+    return boxes
 
 
 def unbox(text: str) -> str:
     """``text`` with every ``\\boxed{X}`` replaced by ``X`` (nested boxes too)."""
     parts, last = [], 0
-    for start, end, content in find_boxed(text):
-        parts += [text[last:start], unbox(content).strip()]
-        last = end
+    for b in find_boxed(text):
+        parts += [text[last : b.start], unbox(b.content).strip()]
+        last = b.end
     return "".join(parts) + text[last:]
 
 
@@ -146,13 +121,13 @@ def split_math_solution(solution: str) -> tuple[str, str]:
     boxes = find_boxed(solution)
     if not boxes:
         raise Drop("no_boxed")
-    answer = unbox(boxes[-1][2]).strip()
+    answer = unbox(boxes[-1].content).strip()
     if not answer:
         raise Drop("empty_answer")
-    if len({re.sub(r"\s+", "", unbox(b[2])) for b in boxes}) > 1:
+    if len({re.sub(r"\s+", "", unbox(b.content)) for b in boxes}) > 1:
         raise Drop("multiple_answers")
-    outside = "".join(solution[prev_end:start] for prev_end, (start, _, _) in zip([0] + [b[1] for b in boxes], boxes))
-    if not _has_alnum(outside + solution[boxes[-1][1] :]):
+    outside = "".join(solution[prev.end : b.start] for prev, b in zip([Box(0, 0, "", True)] + boxes, boxes))
+    if not _has_alnum(outside + solution[boxes[-1].end :]):
         raise Drop("empty_reasoning")
     return unbox(solution).strip(), answer
 
@@ -185,59 +160,11 @@ def convert_math(row: dict[str, Any]) -> Example:
 # code: Magicoder-Evol-Instruct-110K
 
 
-@dataclass
-class CodeBlock:
-    start: int  # offset of the opening fence line
-    end: int  # offset just past the closing fence line (its newline included)
-    info: str  # the info string, e.g. "python"
-    code: str
-    fence: str = "```"  # the opening fence as written (``` or ~~~, three or more)
-
-    @property
-    def fenced(self) -> str:
-        """The block as markdown: fence and info string, the code, the closing fence."""
-        return f"{self.fence}{self.info}\n{self.code}\n{self.fence}"
-
-    @property
-    def language(self) -> str:
-        word = self.info.split()[0].lower() if self.info.split() else ""
-        return _LANGUAGE_ALIASES.get(word, word)
-
-    @property
-    def lines(self) -> int:
-        return sum(1 for line in self.code.splitlines() if line.strip())
-
-
-_LANGUAGE_ALIASES = {
-    "py": "python", "python3": "python", "py3": "python", "js": "javascript", "c++": "cpp", "ts": "typescript"
-}
-_FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
-
-
 def fenced_blocks(text: str) -> list[CodeBlock]:
-    """Fenced code blocks as CommonMark reads them (``` or ~~~, up to 3 spaces of indent, a closing
-    fence of the same character at least as long). An unclosed fence drops the row."""
-    blocks, pos, lines = [], 0, text.splitlines(keepends=True)
-    i = 0
-    while i < len(lines):
-        line, start = lines[i], pos
-        pos += len(line)
-        i += 1
-        m = _FENCE_OPEN.match(line.rstrip("\r\n"))
-        if not m or (m.group(2)[0] == "`" and "`" in m.group(3)):
-            continue
-        indent, fence, info = len(m.group(1)), m.group(2), m.group(3).strip()
-        close = re.compile(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
-        body = []
-        while i < len(lines) and not close.match(lines[i].rstrip("\r\n")):
-            body.append(re.sub(rf"^ {{0,{indent}}}", "", lines[i]))
-            pos += len(lines[i])
-            i += 1
-        if i >= len(lines):
-            raise Drop("unclosed_code_fence")
-        pos += len(lines[i])
-        i += 1
-        blocks.append(CodeBlock(start, pos, info, "".join(body).rstrip("\r\n"), fence))
+    """Fenced code blocks (:func:`aropd.answers.code_blocks`); an unclosed fence drops the row."""
+    blocks = code_blocks(text)
+    if any(not b.closed for b in blocks):
+        raise Drop("unclosed_code_fence")
     return blocks
 
 
@@ -261,7 +188,7 @@ def split_code_response(response: str, languages: Iterable[str] | None = None) -
     """``(reasoning, answer)``: the main block (fenced, as written), and the response without it."""
     block = main_block(fenced_blocks(response))
     if languages is not None:
-        allowed = {_LANGUAGE_ALIASES.get(x.lower(), x.lower()) for x in languages}
+        allowed = {LANGUAGE_ALIASES.get(x.lower(), x.lower()) for x in languages}
         if block.language not in allowed:
             raise Drop("code_language")
     before, after = response[: block.start].rstrip(), response[block.end :].strip()
@@ -563,44 +490,15 @@ def get_source(name: str) -> Source:
     return SOURCES[key]
 
 
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def load_rows(input: str, split: str = "train", cache_dir: str | None = None) -> Any:
-    """A ``datasets.Dataset`` from a local JSONL/JSON/parquet/CSV file, a saved dataset folder, a folder
-    of data files, or a hub id. Any failure becomes a :class:`MaterializeError` naming ``input``."""
-    import datasets
-
-    path = Path(input).expanduser()
+def load_rows(input: str, split: str = "train", cache_dir: str | None = None) -> Records:
+    """The rows of ``input`` (:func:`aropd.io.open_records`: a local file or folder, or a hub id). Any
+    failure becomes a :class:`MaterializeError` naming ``input``."""
     try:
-        if path.is_file():
-            suffixes = [x.lower() for x in path.suffixes]
-            if suffixes[-1:] and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):  # datasets decompresses these
-                suffixes = suffixes[:-1]
-            builder = _FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
-            if builder is None:
-                raise MaterializeError(f"cannot read input {input!r}: unknown file type (use {sorted(_FILE_BUILDERS)})")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
-        elif path.is_dir():
-            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-                ds = datasets.load_from_disk(str(path))
-                if isinstance(ds, datasets.DatasetDict):
-                    if split not in ds:
-                        raise MaterializeError(f"input {input!r} has no split {split!r} (it has {sorted(ds)})")
-                    ds = ds[split]
-            else:
-                ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
-        elif input.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS or input.count("/") != 1:
-            raise MaterializeError(f"cannot read input {input!r}: no such file or folder (a hub id is owner/name)")
-        else:
-            ds = datasets.load_dataset(input, split=split, cache_dir=cache_dir)
-    except MaterializeError:
-        raise
-    except Exception as e:  # datasets raises many types; all mean "cannot read this input"
+        return open_records(input, split, cache_dir=cache_dir)
+    except (FileNotFoundError, RecordError) as e:  # their messages name the file and the line
+        raise MaterializeError(f"cannot read input: {e}") from e
+    except Exception as e:  # the hub: no network, gated, no such split...
         raise MaterializeError(f"cannot read input {input!r}: {type(e).__name__}: {e}") from e
-    if isinstance(ds, datasets.IterableDataset) or not isinstance(ds, datasets.Dataset):
-        raise MaterializeError(f"cannot read input {input!r}: expected a dataset split, got {type(ds).__name__}")
-    return ds
 
 
 def subset_key(seed: int, index: int) -> bytes:
@@ -686,14 +584,6 @@ def manifest_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".manifest.json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def materialize(
     source: str,
     out: str | Path,
@@ -732,11 +622,11 @@ def materialize(
             raise MaterializeError(f"cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
         lengths = LengthFilter(tok, tpl, budgets or Budgets())
     ds = load_rows(input, split, cache_dir)
-    if not set(src.columns) & set(ds.column_names):
+    if not set(src.columns) & set(ds.columns):
         raise MaterializeError(
-            f"input {input!r} has none of the {src.name} columns {list(src.columns)} (it has {ds.column_names})"
+            f"input {input!r} has none of the {src.name} columns {list(src.columns)} (it has {ds.columns})"
         )
-    ds = ds.select_columns([c for c in src.columns if c in ds.column_names])
+    ds = ds.select(src.columns)
     try:  # fail now, not after the whole input has been processed
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -780,7 +670,7 @@ def materialize(
             "source": src.name,
             "input": input,
             "split": split,
-            "input_fingerprint": getattr(ds, "_fingerprint", None),
+            "input_fingerprint": ds.fingerprint,
             "rows_in": len(ds),
             "rows_examined": counts["examined"],
             "rows_out": counts["out"],
@@ -801,32 +691,19 @@ def materialize(
 
 
 def _write_atomic(out: Path, records: Iterable[dict[str, Any]], make_manifest: Callable[[], dict[str, Any]]) -> dict:
-    """Write ``out``, then its manifest, under temporary names; move both into place only when both are
-    complete. On any error the temporary files are removed and an existing output is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    man = manifest_path(out)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_man = man.with_name(f".{man.name}.tmp-{os.getpid()}")
-    try:
-        n = 0
-        with open(tmp_out, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
+    """Write ``out``, then its manifest (which holds the output's size and sha256), and move both into
+    place only when both are complete (:func:`aropd.io.atomic_writes`). On any error an existing
+    output is left as it was."""
+    with atomic_writes(out, manifest_path(out), binary=True) as (f, m):
+        n, size, digest = 0, 0, hashlib.sha256()
+        for rec in records:
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
+            f.write(line)
+            n, size = n + 1, size + len(line)
+            digest.update(line)
         manifest = make_manifest()
-        manifest["outputs"] = {out.name: {"rows": n, "bytes": tmp_out.stat().st_size, "sha256": _sha256(tmp_out)}}
-        with open(tmp_man, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_out, out)
-        os.replace(tmp_man, man)
-    finally:
-        for p in (tmp_out, tmp_man):
-            p.unlink(missing_ok=True)
+        manifest["outputs"] = {out.name: {"rows": n, "bytes": size, "sha256": digest.hexdigest()}}
+        m.write((json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n").encode())
     return manifest
 
 

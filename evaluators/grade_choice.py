@@ -3,7 +3,7 @@
 Order (first rule that finds a valid letter wins; within a rule the last occurrence):
 
 1. ``<answer>…</answer>``: a letter alone (``B``, ``(B)``, ``B.``, ``B) text``), or an option's text.
-2. ``\\boxed{B}`` / ``\\boxed{\\text{B}}``.
+2. ``\\boxed{B}`` / ``\\boxed{\\text{B}}`` / ``\\boxed{(b)}`` (boxes read by :mod:`aropd.answers`).
 3. A statement: "answer is (B)", "Answer: B", "correct option is B", "I choose C", "answer is
    <option text>".
 4. A lone letter at the end: the last line is just a letter (``B``, ``(B)``, ``**B.**``,
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from aropd.answers import answer_tags, boxed_answers
+
 from .base import Verdict
 
 _CONNECTORS = {"because", "since", "as", "which", "and", "with", "given", "due", "for", "is", "was", "seems",
@@ -28,6 +30,10 @@ _STATEMENT = re.compile(
     r"(?:answer|option|choice)\s*(?:is|would\s+be|should\s+be|will\s+be|:|=)\s*:?\s*|"
     r"\bI\s+(?:choose|pick|select|go\s+with)\s+(?:option\s+|choice\s+)?",
     re.I)
+
+
+# A box holding one letter: "C", "(c)", "\\text{D}", "\\textbf{(B)}", "\\mathrm{A}".
+_TEX_LETTER = re.compile(r"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*\(?\s*([A-Za-z])\s*\)?\s*\}?\s*")
 
 
 def _strip_md(s: str) -> str:
@@ -70,7 +76,7 @@ def extract_choice(text: str, n_options: int = 4, options: list[str] | None = No
     if not text or not text.strip():
         return None
     valid = "ABCDEFGHIJKLMNOP"[:n_options]
-    for inner in reversed(re.findall(r"<answer>(.*?)</answer>", text, re.S | re.I)):
+    for inner in reversed(answer_tags(text)):
         core = _strip_md(inner).strip()
         lone = re.fullmatch(r"\(?([A-Za-z])\)?[.)]?", core)
         if lone and lone.group(1).upper() in valid:
@@ -78,9 +84,10 @@ def extract_choice(text: str, n_options: int = 4, options: list[str] | None = No
         hit = _letter_at(core, valid) or _match_text(core, options, valid)
         if hit:
             return hit
-    for inner in reversed(re.findall(r"\\boxed\{(?:\\text\{)?\s*\(?([A-Za-z])\)?\s*\}?\s*\}", text)):
-        if inner.upper() in valid:
-            return inner.upper()
+    for inner in reversed(boxed_answers(text)):
+        lone = _TEX_LETTER.fullmatch(inner)
+        if lone and lone.group(1).upper() in valid:
+            return lone.group(1).upper()
     hits = []
     for m in _STATEMENT.finditer(text):
         rest = text[m.end():]

@@ -21,21 +21,25 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from math import comb
 
+from aropd.answers import answer_tags, code_blocks
+
 from .base import Verdict
 from .sandbox import Limits, RunResult, isolation_mode, run_program
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-_PY = {"", "python", "py", "python3", "py3"}
-
 
 def extract_code(text: str, entry_point: str | None = None) -> str | None:
-    """The code in a response: among fenced blocks (python or unlabelled; an unclosed final fence
-    counts, as a truncated response has one), the last that defines ``entry_point``, else the first;
-    with no fence, the whole text. ``None`` when there is no code at all."""
+    """The code in a response. Where the response has ``<answer>…</answer>`` tags (the trained
+    format, ``<answer>```python…```</answer>``), only the last non-empty one is read, else the
+    whole response. In it: among fenced blocks (python or unlabelled, as
+    :func:`aropd.answers.code_blocks` reads them; an unclosed final fence counts, as a truncated
+    response has one), the last that defines ``entry_point``, else the first; with no fence, the
+    whole text read. ``None`` when there is no code at all."""
     if not text or not text.strip():
         return None
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
-    py = [b for lang, b in blocks if lang in _PY and b.strip()]
+    tags = [t for t in answer_tags(text) if t.strip()]
+    text = tags[-1] if tags else text
+    blocks = code_blocks(text)
+    py = [b.code for b in blocks if b.language in ("python", "") and b.code.strip()]
     if py:
         if entry_point:
             defining = [b for b in py if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", b, re.M)]

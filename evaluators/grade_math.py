@@ -3,7 +3,8 @@
 Extraction order (the first rule that finds something wins; within a rule the *last* occurrence):
 
 1. ``\\boxed{…}`` / ``\\fbox{…}`` with nested braces (also ``\\boxed 5``); a box inside a box counts
-   as part of the outer one.
+   as part of the outer one, an unbalanced one is skipped. These are :mod:`aropd.answers`' rules,
+   the ones the training materializer reads reference answers by.
 2. ``<answer>…</answer>`` (a box inside the tag is taken by rule 1 first).
 3. "The (final) answer is …" / "Final answer: …" / "Answer: …", up to the end of the line.
 4. ``#### …`` (GSM8K style), up to the end of the line.
@@ -25,44 +26,10 @@ import logging
 import os
 import re
 
+from aropd.answers import answer_tags, boxed_answers
+
 from .base import Verdict
 from .pool import map_with_timeout
-
-_BOX = re.compile(r"\\(?:boxed|fbox)\b")
-
-
-def _boxed_contents(text: str) -> list[str]:
-    """Contents of the top-level ``\\boxed``/``\\fbox`` groups, in order (unbalanced ones skipped)."""
-    out: list[str] = []
-    pos = 0
-    while True:
-        m = _BOX.search(text, pos)
-        if not m:
-            return out
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "{" and text[j - 1] != "\\":
-                    depth += 1
-                elif text[j] == "}" and text[j - 1] != "\\":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if depth != 0:  # unbalanced (e.g. a truncated response): not an answer
-                pos = i + 1
-                continue
-            out.append(text[i + 1:j])
-            pos = j + 1
-        else:  # "\boxed 5"
-            m2 = re.match(r"[^\s$]+", text[i:])
-            if m2 and i > m.end():
-                out.append(m2.group(0))
-            pos = i + 1
-
 
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -86,11 +53,10 @@ def extract_math_answer(text: str) -> str | None:
     """The final answer in ``text`` per the documented order, cleaned, or ``None``."""
     if not text or not text.strip():
         return None
-    boxed = [b for b in _boxed_contents(text) if b.strip()]
+    boxed = [b for b in boxed_answers(text) if b.strip()]
     if boxed:
         return clean_answer(boxed[-1]) or None
-    tags = re.findall(r"<answer>(.*?)</answer>", text, re.S | re.I)
-    tags = [t for t in tags if t.strip()]
+    tags = [t for t in answer_tags(text) if t.strip()]
     if tags:
         return clean_answer(tags[-1]) or None
     said = [text[m.end():].split("\n", 1)[0].strip() for m in _ANSWER_IS.finditer(text)]

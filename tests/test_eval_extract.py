@@ -143,12 +143,20 @@ def test_grade_choice_verdicts():
 
 # -- code extraction -----------------------------------------------------------------------------------
 def test_code_extraction():
+    # a block's code is the lines between its fences, without the last line break (aropd.answers)
     two = "Here:\n```python\ndef f(x):\n    return x\n```\nUsage:\n```python\nprint(f(1))\n```\n"
-    assert extract_code(two, "f") == "def f(x):\n    return x\n"
-    assert extract_code(two, None) == "def f(x):\n    return x\n"  # first python block
+    assert extract_code(two, "f") == "def f(x):\n    return x"
+    assert extract_code(two, None) == "def f(x):\n    return x"  # first python block
     later = "```python\nimport math\n```\nthen\n```\ndef g():\n    return 1\n```"
-    assert extract_code(later, "g") == "def g():\n    return 1\n"  # the block that defines it
-    assert extract_code("```python\ndef f():\n    return 2\n", "f") == "def f():\n    return 2\n"  # unclosed
+    assert extract_code(later, "g") == "def g():\n    return 1"  # the block that defines it
+    assert extract_code("```python\ndef f():\n    return 2\n", "f") == "def f():\n    return 2"  # unclosed
+    # a fence closes only on a line of its own: "```" inside the code does not end the block
+    inner = '```python\ndef f():\n    return "```"\n```\n'
+    assert extract_code(inner, "f") == 'def f():\n    return "```"'
+    # fences indented in a list item, ~~~ fences and py3 / python:file info strings count as python
+    assert extract_code("1. Code:\n    ```py3\n    def f():\n        return 3\n    ```\n", "f") == \
+        "def f():\n    return 3"
+    assert extract_code("~~~python:sol.py\ndef f():\n    return 4\n~~~", "f") == "def f():\n    return 4"
     assert extract_code("    return x + 1\n", "f") == "    return x + 1\n"  # a bare completion body
     assert extract_code("```bash\nls\n```", "f") is None
     assert extract_code("", "f") is None and extract_code("  \n", "f") is None

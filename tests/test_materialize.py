@@ -415,11 +415,11 @@ def test_errors_name_the_problem_and_write_nothing(tmp_path, monkeypatch, capsys
     out = tmp_path / "o" / "train.jsonl"
     with pytest.raises(M.MaterializeError, match="unknown source 'chemistry'"):
         materialize("chemistry", out, str(FIXTURES / "medmcqa.jsonl"))
-    with pytest.raises(M.MaterializeError, match="cannot read input '.*missing.jsonl': no such file"):
+    with pytest.raises(M.MaterializeError, match="cannot read input: .*missing.jsonl: no such file"):
         materialize("math", out, str(tmp_path / "missing.jsonl"))
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text('{"problem": "x", "solution": "y"}\nnot json\n')
-    with pytest.raises(M.MaterializeError, match="cannot read input '.*garbage.jsonl'"):
+    with pytest.raises(M.MaterializeError, match="cannot read input: .*garbage.jsonl: line 2: not valid JSON"):
         materialize("math", out, str(garbage), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(M.MaterializeError, match="has none of the math columns"):
         materialize("math", out, str(FIXTURES / "medmcqa.jsonl"), cache_dir=str(tmp_path / "cache"))
@@ -463,15 +463,18 @@ def test_failure_midway_leaves_previous_output(tmp_path, monkeypatch):
     assert (out.read_bytes(), M.manifest_path(out).read_bytes()) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.jsonl", "train.manifest.json"]
 
-    # a failure after the data is written (while hashing) moves nothing into place either
+    # a failure after both files are written (the disk fills as they are moved into place) moves
+    # nothing into place either, and names the file and the reason
     monkeypatch.setitem(M.SOURCES, "math", M.Source("math", "x", M.SOURCES["math"].columns, convert))
+    import errno
+    import os
 
-    def broken_hash(path):
-        assert path.read_text().count("\n") == 2  # the temporary file was complete
-        raise OSError("disk full")
+    def full_disk(src, dst):
+        assert Path(src).read_text().count("\n") >= 2  # the temporary file was complete
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(M, "_sha256", broken_hash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*train\.jsonl: No space left on device"):
         run(tmp_path, "math", limit=2)
     assert (out.read_bytes(), M.manifest_path(out).read_bytes()) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.jsonl", "train.manifest.json"]
@@ -523,7 +526,7 @@ def test_aropd_fit_reads_the_output(tmp_path, monkeypatch):
         "fit", "--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml",
         "--config", "configs/data/math.yaml",
         "--data.init_args.train", json.dumps(paths), "--data.init_args.batch_size", "4",
-        "--data.init_args.val_benchmarks", "[]", "--model.init_args.sampling.max_new_tokens", "100",
+        "--data.init_args.val_benchmarks", "[]", "--model.init_args.max_new_tokens", "100",
         "--trainer.max_steps", "2", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_checkpointing", "false",
     ])
