@@ -74,7 +74,7 @@ def make_windows(examples, G: int, micro: int, short_len: int, long_len: int, pa
     out = []
     for j in range(G // micro):
         b = collate_privileged(chosen[j * micro : (j + 1) * micro], pad_id)
-        out.append(b._replace(window=GenerationWindow(ids, mask, j, j * micro, (j + 1) * micro)))
+        out.append(b.replace(window=GenerationWindow(ids, mask, j, j * micro, (j + 1) * micro)))
     return out
 
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from aropd.data import PrivilegedDataModule
     from aropd.module import PrivilegedDistillation
-    from aropd.rollout import HFGenerate, LeanDecode, SamplingConfig
+    from aropd.rollout import HFGenerate, LeanDecode, Sampling
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dm = PrivilegedDataModule(tokenizer=tiny, max_new_tokens=T)
     dm.setup("fit")
-    module = PrivilegedDistillation(student=tiny, sampling=SamplingConfig(max_new_tokens=T, temperature=1.0))
+    module = PrivilegedDistillation(student=tiny, max_new_tokens=T, sampling=Sampling(temperature=1.0))
     module.configure_model()  # the EMA teacher is copied before the hook goes on
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-4)
     engines = {"generate": Timed(HFGenerate()), "lean": Timed(LeanDecode())}

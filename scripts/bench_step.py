@@ -63,8 +63,6 @@ def run_one(method: str, steps: int, warmup: int, extra: list[str], diagnostics:
     from lightning.pytorch.profilers import SimpleProfiler
 
     from aropd.data import PrivilegedDataModule
-    from aropd.module import PrivilegedDistillation
-    from aropd.rollout import SamplingConfig
 
     torch.set_num_threads(threads)
     L.seed_everything(0)
@@ -82,16 +80,15 @@ def run_one(method: str, steps: int, warmup: int, extra: list[str], diagnostics:
             rec = outputs.get("record") if isinstance(outputs, dict) else None
             tokens.append(float(rec.mask.sum()) if rec is not None else float(batch.reference_mask.sum()))
 
-    args = dict(method=method, sampling=SamplingConfig(max_new_tokens=64))
+    args = dict(max_new_tokens=64)
     callbacks: list = [Clock()]
     logger = False
     if diagnostics is not None:  # the diagnostics overhead: on vs. off, both with a TensorBoard logger
-        args["support_top_p"] = 0.9 if diagnostics == "on" else None
         if diagnostics == "on":  # before the clock, whose on_train_batch_end then ends the step
             callbacks = [*diagnostics_callbacks(figure_every), *callbacks]
         logger = TensorBoardLogger(tempfile.mkdtemp(prefix="aropd_bench_"), name="", version="")
     args.update(json.loads(extra[0]) if extra else {})
-    model = PrivilegedDistillation(student=str(ROOT / "aropd/assets/tiny-llama"), **args)
+    model = method_module(method, student=str(ROOT / "aropd/assets/tiny-llama"), **args)
     data = PrivilegedDataModule(tokenizer=str(ROOT / "aropd/assets/tiny-llama"), batch_size=8, max_new_tokens=64)
     profiler = SimpleProfiler()
     trainer = L.Trainer(
@@ -201,6 +198,18 @@ def diagnostics_overhead(runs: list[dict]) -> list[dict]:
 
 
 # ---- scale: 1 vs. N processes, and the memory-bounded loss ---------------------------------------
+def method_module(method: str, **kwargs):
+    """The module of a method name, as its ``configs/methods/<method>.yaml`` composes it."""
+    from aropd.module import PrivilegedDistillation
+    from aropd.sft import SupervisedFineTuning
+    from aropd.targets import AnchoredResidual, FullView, PartialView
+
+    if method == "sft":
+        return SupervisedFineTuning(**kwargs)
+    targets = {"ar_opd": AnchoredResidual, "full_opd": FullView, "partial_opd": PartialView}
+    return PrivilegedDistillation(target=targets[method](), **kwargs)
+
+
 def run_scale(processes: int, steps: int, warmup: int, threads: int, global_batch: int) -> None:
     """ar_opd under ``FSDP2Strategy`` on ``processes`` CPU processes (gloo), the global batch split over
     them, ``threads`` torch threads each; each rank prints its step times, tokens and peak RSS."""
@@ -225,7 +234,7 @@ def run_scale(processes: int, steps: int, warmup: int, threads: int, global_batc
             tokens.append(float(outputs["record"].mask.sum()))
 
     tiny = str(ROOT / "aropd/assets/tiny-llama")
-    model = PrivilegedDistillation(student=tiny, sampling=SamplingConfig(max_new_tokens=64))
+    model = PrivilegedDistillation(student=tiny, max_new_tokens=64)
     data = PrivilegedDataModule(tokenizer=tiny, batch_size=global_batch // processes, max_new_tokens=64)
     trainer = L.Trainer(
         max_steps=steps + warmup, accelerator="cpu", devices=processes, strategy=FSDP2Strategy(), logger=False,
@@ -280,12 +289,11 @@ def run_loss_memory(chunk: int | None, vocab: int, tokens: int, hidden: int, out
     """One loss forward + backward (student and both teacher views, diagnostics included) from hidden
     states through 150k-wide output layers; peak RSS above the level before the call (Linux VmHWM,
     reset through /proc/self/clear_refs so set-up and imports do not count)."""
-    import functools
-
     import torch
 
-    from aropd.loss import distillation_loss
-    from aropd.targets import anchored_residual_target
+    from aropd.loss import Probes, distillation_loss
+    from aropd.targets import AnchoredResidual
+    from aropd.types import TeacherScores
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -295,11 +303,13 @@ def run_loss_memory(chunk: int | None, vocab: int, tokens: int, hidden: int, out
     teacher_h = torch.randn(2, tokens, hidden)
     ids = torch.randint(0, vocab, (1, tokens))
     mask = torch.ones(1, tokens, dtype=torch.long)
-    target = functools.partial(anchored_residual_target, lam=0.8, clip=5.0)
+    target = AnchoredResidual(lam=0.8, clip=5.0)
+    probes = Probes(sampled=True, shift=True, residual=True, support_top_p=top_p)
 
     def run(n: int):
-        loss, _ = distillation_loss(student_h[:, :n], teacher_h[:, :n], s_head, t_head, ids[:, :n], mask[:, :n],
-                                    target, 5.0, chunk_size=chunk, support_top_p=top_p)
+        scores = TeacherScores(full=teacher_h[:1, :n], partial=teacher_h[1:, :n])
+        loss, _ = distillation_loss(student_h[:, :n], scores, s_head, t_head, ids[:, :n], mask[:, :n],
+                                    target, chunk_size=chunk, probes=probes)
         loss.backward()
         return loss
 
