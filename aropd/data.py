@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from aropd.checkpointing import ResumableDataLoader
 from aropd.io import read_records
+from aropd.paths import resolve
 from aropd.rollout import GenerationWindow, GenerationWindowSampler, WindowKeyed, run_seed
 from aropd.types import PrivilegedBatch, PromptBatch
 from aropd.views import PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
@@ -174,7 +175,7 @@ class PrivilegedDataModule(L.LightningDataModule):
             problems.append(f"generation_batch_size must be a multiple of batch_size ({batch_size}), got {gen}")
         if problems:
             raise ValueError("; ".join(problems))
-        self.train_sources = [train] if isinstance(train, str) else list(train)
+        self.train_sources = [resolve(src) for src in ([train] if isinstance(train, str) else train)]
         self.fields = FieldNames(**fields) if isinstance(fields, dict) else fields or FieldNames()
         self.template = PromptTemplate(**template) if isinstance(template, dict) else template or PromptTemplate()
         self.partial_ratio = partial_ratio
@@ -203,7 +204,7 @@ class PrivilegedDataModule(L.LightningDataModule):
                 from aropd.evaluators import get_benchmark
 
                 bench = get_benchmark(spec.name)
-                records = bench.load(spec.data_path, limit=spec.limit)
+                records = bench.load(spec.data_path and resolve(spec.data_path), limit=spec.limit)
                 # Longer prompts tend to need longer answers: batching them together keeps a few long
                 # generations from holding every batch open (rows are keyed by id, order is free).
                 records.sort(key=lambda r: len(bench.prompt(r)))
