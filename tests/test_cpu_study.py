@@ -1,20 +1,20 @@
-"""scripts/cpu_study.py --quick: every method runs, one table row each, and the table's numbers are
-the runs' own (results.json and TensorBoard events, read here independently of the script)."""
+"""aropd.experiments.cpu_study (scripts/cpu_study.py) quick: every method runs, one table row each, and the
+table's numbers are the runs' own (results.json and TensorBoard events, read here independently)."""
 
 import json
 import math
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from aropd.experiments import cpu_study
+from aropd.experiments.cpu_study import Study
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import cpu_study  # noqa: E402
 
 LABELS = {"base": "Base", "sft": "SFT", "full_opd": "Full OPD", "partial_opd": "Partial OPD",
           "ar_opd_lam0.6": "AR-OPD λ=0.6", "ar_opd_lam0.8": "AR-OPD λ=0.8", "ar_opd_lam1.2": "AR-OPD λ=1.2"}
@@ -26,7 +26,7 @@ CELL = re.compile(r"^(-?\d+(?:\.\d+)?(?:e[-+]\d+)?) ± (\d+(?:\.\d+)?(?:e[-+]\d+
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("cpu_study")
     start = time.time()
-    rc = cpu_study.main(["--quick", "--root", str(root)])
+    rc = cpu_study.run_study(Study(root=root).resolved(quick=True))
     seconds = time.time() - start
     assert rc == 0
     return root, seconds
@@ -120,7 +120,7 @@ def test_quick_study_table_matches_the_runs(study):
 def test_finished_runs_are_skipped(study, capsys):
     root, _ = study
     before = (root / "table.md").read_text()
-    assert cpu_study.main(["--quick", "--root", str(root), "--methods", "base", "full_opd"]) == 0
+    assert cpu_study.run_study(Study(root=root, methods=["base", "full_opd"]).resolved(quick=True)) == 0
     out = capsys.readouterr().out
     assert out.count("finished, skipped") == 2
     assert (root / "table.md").read_text().count("\n| ") < before.count("\n| ")  # only the two methods asked
@@ -129,7 +129,10 @@ def test_finished_runs_are_skipped(study, capsys):
 def test_model_default_prefers_toy_base():
     expected = "aropd/assets/toy-base" if (ROOT / "aropd/assets/toy-base").is_dir() else "aropd/assets/tiny-llama"
     assert cpu_study.default_model() == expected
-    a = cpu_study.apply_defaults(cpu_study.build_parser().parse_args(["--quick"]))
-    assert (a.model, a.seeds, a.steps) == (expected, [0], 4)
-    full = cpu_study.apply_defaults(cpu_study.build_parser().parse_args([]))
-    assert len(full.seeds) >= 3 and full.val_limit is None
+    quick = Study().resolved(quick=True)
+    assert (quick.model, quick.seeds, quick.steps) == (expected, [0], 4)
+    assert (quick.val_limit, quick.max_new_tokens, quick.val_max_new_tokens, quick.batch_size) == (8, 24, 24, 4)
+    full = Study().resolved()
+    quickstart = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    assert len(full.seeds) >= 3 and full.val_limit is None and full.steps == quickstart["trainer"]["max_steps"]
+    assert Study(seeds=[5], steps=7).resolved(quick=True).seeds == [5]

@@ -1,21 +1,23 @@
-"""scripts/sweep.py: a grid of runs named after their overrides, finished runs skipped, SLURM job
-scripts, and the results table."""
+"""aropd.experiments.sweep (scripts/sweep.py): a grid of runs named after their overrides, finished runs
+skipped, SLURM job scripts, and the results table."""
 
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import sweep  # noqa: E402
+from aropd.experiments import sweep
+from aropd.experiments.runs import ExperimentError
+from aropd.experiments.sweep import Slurm, Sweep, run_sweep
 
+ROOT = Path(__file__).resolve().parents[1]
+LAM = "model.init_args.target.init_args.lam"
 RUNS = ["lam=0.6_partial_ratio=0.25", "lam=0.6_partial_ratio=0.75",
         "lam=1.2_partial_ratio=0.25", "lam=1.2_partial_ratio=0.75"]
 
@@ -24,46 +26,61 @@ def test_grid_values_split_on_top_level_commas_only():
     assert sweep.split_values("0.4,0.6, 1.0") == ["0.4", "0.6", "1.0"]
     assert sweep.split_values("[a.jsonl,b.jsonl],[c.jsonl]") == ["[a.jsonl,b.jsonl]", "[c.jsonl]"]
     assert sweep.split_values('{name: toy, limit: 4},"x,y"') == ["{name: toy, limit: 4}", '"x,y"']
-    with pytest.raises(sweep.SweepError):
+    with pytest.raises(ExperimentError):
         sweep.split_values("0.4,,0.6")
 
 
 def test_run_names_use_the_shortest_distinct_key_suffix():
-    assert sweep.short_names(["model.init_args.lam", "data.init_args.partial_ratio"]) == {
-        "model.init_args.lam": "lam", "data.init_args.partial_ratio": "partial_ratio"}
+    assert sweep.short_names([LAM, "data.init_args.partial_ratio"]) == {
+        LAM: "lam", "data.init_args.partial_ratio": "partial_ratio"}
     assert sweep.short_names(["model.init_args.seed", "data.init_args.seed"]) == {
         "model.init_args.seed": "model.init_args.seed", "data.init_args.seed": "data.init_args.seed"}
-    names = [n for n, _ in sweep.expand([("model.init_args.lam", ["0.6", "1.2"]),
-                                         ("data.init_args.partial_ratio", ["0.25", "0.75"])])]
+    names = [n for n, _ in sweep.expand({LAM: ["0.6", "1.2"], "data.init_args.partial_ratio": ["0.25", "0.75"]})]
     assert names == RUNS
-    assert sweep.expand([("data.init_args.train", ["[data/a b.jsonl]"])])[0][0] == "train=data-a-b.jsonl"
-    assert sweep.expand([])[0][0] == "base"
+    assert sweep.expand({"data.init_args.train": ["[data/a b.jsonl]"]})[0][0] == "train=data-a-b.jsonl"
+    assert sweep.expand({})[0][0] == "base"
+    with pytest.raises(ExperimentError, match="same run name"):
+        sweep.expand({"model.init_args.student": ["a/b", "a b"]})
 
 
-def test_bad_arguments_are_named(tmp_path, capsys):
-    assert sweep.main(["--name", "x", "--config", str(tmp_path / "nope.yaml")]) == 2
-    assert "nope.yaml" in capsys.readouterr().err
-    base = str(ROOT / "configs/quickstart.yaml")
-    assert sweep.main(["--name", "x", "--config", base, "--grid", "lam"]) == 2
-    assert "KEY=VALUE" in capsys.readouterr().err
-    assert sweep.main(["--name", "x", "--config", base, "--grid", "a.b=1", "--set", "a.b=2"]) == 2
-    assert sweep.main(["--name", "x", "--config", base, "--grid", "model.init_args.no_such_arg=1", "--dry-run"]) == 2
-    assert "does not parse" in capsys.readouterr().err
+def test_bad_arguments_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ExperimentError, match="nope.yaml"):
+        sweep.plan(Sweep("x", [str(tmp_path / "nope.yaml")]))
+    with pytest.raises(ExperimentError, match="KEY=VALUE"):
+        sweep.parse_assignment("lam", "--grid")
+    base = ["configs/quickstart.yaml"]
+    with pytest.raises(ExperimentError, match="one grid axis or one set"):
+        sweep.plan(Sweep("x", base, grid={"a.b": ["1"]}, sets={"a.b": "2"}))
+    with pytest.raises(ExperimentError, match="does not parse"):
+        sweep.plan(Sweep("x", base, grid={"model.init_args.no_such_arg": ["1"]}))
 
 
-def tiny_sweep(tmp_path: Path, *extra: str) -> list[str]:
+def test_the_command_line_names_bad_arguments_and_exits_2(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--name", "x", "--config", "configs/quickstart.yaml"]
+    for extra, message in ((["--grid", "lam"], "KEY=VALUE"), (["--grid", "a.b=1", "--grid", "a.b=2"], "given twice"),
+                           (["--submit"], "--submit needs --slurm")):
+        proc = subprocess.run(script + extra, capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
+
+
+def tiny_sweep(tmp_path: Path, **sets: str) -> Sweep:
     train = tmp_path / "train.jsonl"
     if not train.exists():
         train.write_text("".join((ROOT / "aropd/assets/toy/train.jsonl").read_text().splitlines(keepends=True)[:8]))
-    return [
-        "--name", "grid", "--root", str(tmp_path / "runs"), "--config", str(ROOT / "configs/quickstart.yaml"),
-        "--config", str(ROOT / "tests/conf/tiny.yaml"), "--grid", "model.init_args.lam=0.6,1.2", "--grid", "data.init_args.partial_ratio=0.25,0.75",
-        "--set", "trainer.max_steps=2", "--set", "trainer.val_check_interval=2", "--set", "trainer.callbacks=[]",
-        "--set", "trainer.enable_progress_bar=false", "--set", "trainer.enable_model_summary=false",
-        "--set", f"data.init_args.train=[{train}]", "--set", "data.init_args.batch_size=4",
-        "--set", "model.init_args.sampling.max_new_tokens=8", "--set", "model.init_args.val_max_new_tokens=4",
-        "--set", "data.init_args.val_benchmarks=[{name: toy, limit: 4}]", *extra,
-    ]
+    base = {
+        "trainer.max_steps": "2", "trainer.val_check_interval": "2", "trainer.callbacks": "[]",
+        "trainer.enable_progress_bar": "false", "trainer.enable_model_summary": "false",
+        "data.init_args.train": f"[{train}]", "data.init_args.batch_size": "4",
+        "model.init_args.max_new_tokens": "8", "model.init_args.val_max_new_tokens": "4",
+        "data.init_args.val_benchmarks": "[{name: toy, limit: 4}]",
+    }
+    return Sweep(
+        name="grid", root=tmp_path / "runs",
+        configs=[str(ROOT / "configs/quickstart.yaml"), str(ROOT / "tests/conf/tiny.yaml"),
+                 str(ROOT / "configs/methods/ar_opd.yaml")],
+        grid={LAM: ["0.6", "1.2"], "data.init_args.partial_ratio": ["0.25", "0.75"]}, sets={**base, **sets},
+    )
 
 
 def snapshot(sweep_dir: Path) -> dict[str, float]:
@@ -74,14 +91,15 @@ def snapshot(sweep_dir: Path) -> dict[str, float]:
 def test_a_two_by_two_grid_runs_skips_finished_runs_and_tabulates(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     sweep_dir = tmp_path / "runs" / "grid"
-    assert sweep.main(tiny_sweep(tmp_path)) == 0
+    assert run_sweep(tiny_sweep(tmp_path)) == 0
     out = capsys.readouterr().out
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == RUNS
     for name in RUNS:
         run = sweep_dir / name
         cfg = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config, saved by LightningCLI
         lam, rho = re.fullmatch(r"lam=(.*)_partial_ratio=(.*)", name).groups()
-        assert cfg["model"]["init_args"]["lam"] == float(lam)
+        assert cfg["model"]["init_args"]["target"]["class_path"] == "aropd.targets.AnchoredResidual"
+        assert cfg["model"]["init_args"]["target"]["init_args"]["lam"] == float(lam)
         assert cfg["data"]["init_args"]["partial_ratio"] == float(rho)
         assert cfg["trainer"]["max_steps"] == 2
         assert len(list(run.glob("events.out.tfevents.*"))) == 1
@@ -89,26 +107,29 @@ def test_a_two_by_two_grid_runs_skips_finished_runs_and_tabulates(tmp_path, monk
         assert (run / "val" / "step_2" / "results.json").is_file()
         done, record = json.loads((run / "DONE").read_text()), json.loads((run / "run.json").read_text())
         assert done["config_hash"] == record["config_hash"] and len(done["config_hash"]) == 64
-        assert record["overrides"] == {"model.init_args.lam": lam, "data.init_args.partial_ratio": rho}
+        assert record["overrides"] == {LAM: lam, "data.init_args.partial_ratio": rho}
         assert f"[{RUNS.index(name) + 1}/4] {name}: finished in" in out
     table = (sweep_dir / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| lam=")]
     assert [r.split(" | ")[0].removeprefix("| ") for r in rows] == RUNS
     assert "Toy" in table.splitlines()[0]
+    for row, name in zip(rows, RUNS):  # each row is that run's own toy accuracy, in percent
+        res = json.loads((sweep_dir / name / "val" / "step_2" / "results.json").read_text())
+        assert row.split(" | ")[1] == f"{100 * res['benchmarks']['toy']['accuracy']:.1f}"
 
     # Again: every run is finished, nothing runs (no file below the sweep changes but the table).
     before = snapshot(sweep_dir)
-    assert sweep.main(tiny_sweep(tmp_path)) == 0
+    assert run_sweep(tiny_sweep(tmp_path)) == 0
     out = capsys.readouterr().out
     assert out.count("finished, skipped") == 4 and "running" not in out
     after = snapshot(sweep_dir)
     assert {k: v for k, v in after.items() if k != "table.md"} == {k: v for k, v in before.items() if k != "table.md"}
     assert (sweep_dir / "table.md").read_text() == table
-    assert sweep.main(tiny_sweep(tmp_path, "--table-only")) == 0
+    assert run_sweep(tiny_sweep(tmp_path), table_only=True) == 0
     assert capsys.readouterr().out.count("| lam=") == 4
 
     # A changed config makes the finished runs stale: reported and skipped, not silently rerun or reused.
-    assert sweep.main(tiny_sweep(tmp_path, "--set", "trainer.max_steps=3")) == 0
+    assert run_sweep(tiny_sweep(tmp_path, **{"trainer.max_steps": "3"})) == 0
     captured = capsys.readouterr()
     assert captured.err.count("STALE") == 4 and "running" not in captured.out
     assert snapshot(sweep_dir).keys() == after.keys()
@@ -124,10 +145,10 @@ def test_slurm_scripts_pass_bash_n_and_write_done_on_success(tmp_path, monkeypat
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SBATCH_LOG", str(tmp_path / "sbatch.log"))
-    args = tiny_sweep(tmp_path, "--slurm", "--submit", "--nodes", "2", "--gpus-per-node", "4", "--time", "02:00:00",
-                      "--partition", "gpu", "--account", "proj", "--setup", "source .venv/bin/activate",
-                      "--sbatch=--qos=high")
-    assert sweep.main(args) == 0
+    slurm = Slurm(nodes=2, gpus_per_node=4, time="02:00:00", partition="gpu", account="proj",
+                  setup=["source .venv/bin/activate"], sbatch=["--qos=high"], submit=True)
+    grid = replace(tiny_sweep(tmp_path), slurm=slurm)
+    assert run_sweep(grid) == 0
     sweep_dir = tmp_path / "runs" / "grid"
     scripts = sorted(sweep_dir.glob("*/job.sbatch"))
     assert [s.parent.name for s in scripts] == RUNS
@@ -152,51 +173,38 @@ def test_slurm_scripts_pass_bash_n_and_write_done_on_success(tmp_path, monkeypat
     assert done["slurm_job_id"] == "42" and done["finished_at"]
     # The sweep now sees that run as finished and writes (and submits) scripts only for the others.
     capsys.readouterr()
-    assert sweep.main(args) == 0
+    assert run_sweep(grid) == 0
     out = capsys.readouterr().out
     assert f"{run.name}: finished, skipped" in out and out.count("wrote") == 3
 
 
 def test_dry_run_lists_commands_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    assert sweep.main(tiny_sweep(tmp_path, "--dry-run")) == 0
+    assert run_sweep(tiny_sweep(tmp_path), dry_run=True) == 0
     out = capsys.readouterr().out
     assert out.count(": pending") == 4 and out.count(" -m aropd fit ") == 4
-    assert "--model.init_args.lam 1.2 --data.init_args.partial_ratio 0.75" in out
+    assert f"--{LAM} 1.2 --data.init_args.partial_ratio 0.75" in out
     assert not (tmp_path / "runs").exists()
-
-
-def test_shipped_sweeps_are_valid_bash():
-    scripts = sorted((ROOT / "configs" / "sweeps").glob("*.sh"))
-    assert {s.name for s in scripts} == {"lambda.sh", "partial_rate.sh"}
-    for s in scripts:
-        assert subprocess.run(["bash", "-n", str(s)]).returncode == 0
-
-
-def sweep_args(script: Path) -> list[str]:
-    """The scripts/sweep.py arguments a shipped sweep passes (its ``"$@"`` dropped)."""
-    text = script.read_text().replace("\\\n", " ")
-    line = next(line for line in text.splitlines() if line.startswith("exec "))
-    args = shlex.split(line.split("scripts/sweep.py", 1)[1])
-    assert args[-1] == "$@"
-    return args[:-1]
 
 
 @pytest.mark.parametrize("script, runs", [
     ("lambda.sh", ["lam=0.4", "lam=0.6", "lam=0.8", "lam=1.0", "lam=1.2", "lam=1.4"]),
     ("partial_rate.sh", ["partial_ratio=0.25", "partial_ratio=0.5", "partial_ratio=0.75"]),
 ])
-def test_shipped_sweeps_resolve_every_run(script, runs, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
+def test_shipped_sweeps_resolve_every_run(script, runs, tmp_path):
+    """The wrapper itself runs (from any folder), hands its arguments on, and every run's config parses."""
     path = ROOT / "configs" / "sweeps" / script
-    assert sweep.main([*sweep_args(path), "--dry-run", "--root", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert re.findall(r"\] (\S+): pending", out) == runs
-    assert "--config configs/recipes/math/ar_opd_lam0.8.yaml" in out
-    # The wrapper itself runs (from any folder) and hands its arguments on.
-    proc = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0 and "usage: sweep.py" in proc.stdout, proc.stderr
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    proc = subprocess.run(["bash", str(path), "--dry-run", "--root", str(tmp_path)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    assert re.findall(r"\] (\S+): pending", proc.stdout) == runs
+    assert "--config configs/recipes/math.yaml --config configs/methods/ar_opd.yaml" in proc.stdout
+    assert not any(tmp_path.iterdir())
+
+
+def test_shipped_sweeps_are_these():
+    assert {s.name for s in (ROOT / "configs" / "sweeps").glob("*.sh")} == {"lambda.sh", "partial_rate.sh"}
 
 
 def test_force_moves_a_stale_run_aside_and_starts_it_afresh(tmp_path, monkeypatch, capsys):
@@ -205,10 +213,11 @@ def test_force_moves_a_stale_run_aside_and_starts_it_afresh(tmp_path, monkeypatc
     run.mkdir(parents=True)
     (run / "DONE").write_text(json.dumps({"config_hash": "0" * 64}) + "\n")  # finished under another config
     (run / "fit.log").write_text("old\n")
-    assert sweep.main(tiny_sweep(tmp_path, "--slurm")) == 0
+    grid = replace(tiny_sweep(tmp_path), slurm=Slurm())
+    assert run_sweep(grid) == 0
     assert "STALE" in capsys.readouterr().err and (run / "DONE").exists()
     assert not (run / "job.sbatch").exists()
-    assert sweep.main(tiny_sweep(tmp_path, "--slurm", "--force")) == 0
+    assert run_sweep(grid, force=True) == 0
     aside = list(run.parent.glob(f"{RUNS[0]}.stale-*"))
     assert len(aside) == 1 and (aside[0] / "fit.log").read_text() == "old\n"
     assert (run / "job.sbatch").exists() and not (run / "DONE").exists()

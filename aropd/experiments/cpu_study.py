@@ -1,0 +1,327 @@
+"""The CPU method study: Base, SFT, Full OPD, Partial OPD and AR-OPD (λ ∈ {0.6, 0.8, 1.2}) from one
+base model, the same step budget and several seeds each; one markdown table.
+
+Every run is ``aropd fit --config configs/quickstart.yaml --config configs/methods/<method>.yaml``
+with the model, seed, step budget and test-split validation overridden, in
+``<root>/<method>/seed<k>/``: the run's log dir (``config.yaml``, TensorBoard events, ``fit.log``,
+``val/step_<steps>/results.json``, ``DONE``). Base is ``aropd validate`` of the base model alone
+(greedy decoding: one run, ``<root>/base/seed<first>/validate/results.json``). Validation runs once,
+after the last step, on the ``toy`` benchmark's *test* split (the benchmark itself defaults to the
+val split). A run finished under the same resolved config is skipped; any other starts afresh in an
+emptied folder, since a stale run's TensorBoard events would mix into the new run's means.
+
+The table (``<root>/table.md``) has, per method, mean ± sample std over seeds of:
+
+- **Toy acc**: ``results.json`` ``benchmarks.toy.accuracy`` (percent);
+- **Long acc**: accuracy on the longest response-length bucket that is non-empty in *every* run
+  (``acc_len_<lo>_<hi>``; the bucket is named in the header), so all rows compare the same bucket;
+- **Shortcut /1k**: ``diag/shortcut/events_per_1k`` from the TensorBoard events, averaged over all
+  logged steps of the run (the mean over the run, not the last value);
+- **Early answer**: ``diag/early_answer_rate``, mean over all logged steps of the run (percent);
+- **Priv. shift**: ``train/privileged_shift`` (mean KL(q_F ‖ q_P) per token, nats), mean over the run;
+- **Shift @1**: ``train/privileged_shift`` at the first step, where the teacher is still the base
+  model: how much the privileged views differ on the base model.
+
+SFT has no rollout and no teacher, Base no training: their diagnostic columns are ``n/a``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from aropd.experiments import runs
+from aropd.experiments.tables import markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = "configs/quickstart.yaml"
+TOY_BASE = "aropd/assets/toy-base"
+TINY = "aropd/assets/tiny-llama"
+TEST_DATA = "aropd/assets/toy/test.jsonl"
+LAMBDAS = (0.6, 0.8, 1.2)
+BENCH = "toy"
+SHORTCUT_TAG = "diag/shortcut/events_per_1k"
+EARLY_TAG = "diag/early_answer_rate"
+SHIFT_TAG = "train/privileged_shift"
+
+
+def default_model() -> str:
+    return TOY_BASE if (ROOT / TOY_BASE).is_dir() else TINY
+
+
+# ---- the methods -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    name: str
+    """Folder name."""
+    label: str
+    """Table row."""
+    config: str | None
+    """``configs/methods/<x>.yaml``; None: Base (validation of the base model, no training)."""
+    sets: dict[str, str] = field(default_factory=dict)
+    """The method's own overrides (λ)."""
+    rollout: bool = True
+    """Has a rollout and a teacher (the diagnostic columns)."""
+
+    @property
+    def trains(self) -> bool:
+        return self.config is not None
+
+
+def methods() -> list[Method]:
+    out = [Method("base", "Base", None, rollout=False),
+           Method("sft", "SFT", "configs/methods/sft.yaml", rollout=False),
+           Method("full_opd", "Full OPD", "configs/methods/full_opd.yaml"),
+           Method("partial_opd", "Partial OPD", "configs/methods/partial_opd.yaml")]
+    for lam in LAMBDAS:
+        out.append(Method(f"ar_opd_lam{lam}", f"AR-OPD λ={lam}", "configs/methods/ar_opd.yaml",
+                          {"model.init_args.target.init_args.lam": str(lam)}))
+    return out
+
+
+METHOD_NAMES = [m.name for m in methods()]
+
+
+# ---- the study --------------------------------------------------------------------------------------
+@dataclass
+class Study:
+    """What the study runs. None fields take their defaults from :meth:`resolved`."""
+
+    model: str | None = None
+    """Base model folder; None: ``aropd/assets/toy-base`` if present, else the tiny Llama."""
+    seeds: list[int] | None = None
+    """Seeds of every trained method; None: 0 1 2 (quick: 0)."""
+    steps: int | None = None
+    """Optimizer steps per run; None: the base config's ``trainer.max_steps`` (quick: 4)."""
+    root: Path = Path("runs/cpu_study")
+    """Output folder."""
+    base_config: str = QUICKSTART
+    """The config every run composes its method onto."""
+    test_data: str = TEST_DATA
+    """The toy test split validated on."""
+    val_limit: int | None = None
+    """Test problems; None: all (quick: 8)."""
+    max_new_tokens: int | None = None
+    """Completion budget; None: the config's (quick: 24)."""
+    val_max_new_tokens: int | None = None
+    """Validation budget; None: the toy benchmark's, 1024, so the 90-step problems finish (quick: 24)."""
+    batch_size: int | None = None
+    """Training batch size; None: the config's (quick: 4)."""
+    methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
+    """The methods run and tabulated."""
+    subprocess: bool = False
+    """Each run in its own process rather than one after another in this one."""
+
+    def resolved(self, quick: bool = False) -> Study:
+        """The defaults filled in; ``quick`` is a smoke test (1 seed, 4 steps, batch 4, 8 test problems,
+        24-token budgets): it shows the pipeline works, not which method is better."""
+        s = replace(self, model=self.model or default_model(), seeds=self.seeds or ([0] if quick else [0, 1, 2]),
+                    steps=self.steps or (4 if quick else config_steps(self.base_config)))
+        if quick:
+            s = replace(s, val_limit=s.val_limit or 8, max_new_tokens=s.max_new_tokens or 24,
+                        val_max_new_tokens=s.val_max_new_tokens or 24, batch_size=s.batch_size or 4)
+        return s
+
+
+def config_steps(config: str) -> int:
+    path = Path(config) if Path(config).is_file() else ROOT / config
+    steps = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("max_steps")
+    if not isinstance(steps, int) or steps <= 0:
+        raise runs.ExperimentError(f"{config} sets no trainer.max_steps; pass the steps")
+    return steps
+
+
+@dataclass
+class StudyRun:
+    method: Method
+    seed: int
+    dir: Path
+    subcommand: str
+    args: list[str]
+    config_hash: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.name}/seed{self.seed}"
+
+    def results(self) -> dict | None:
+        """The toy benchmark's summary of the run's final validation, or None before it."""
+        path = runs.final_results(self.dir)
+        return json.loads(path.read_text())["benchmarks"][BENCH] if path else None
+
+
+def common_sets(s: Study) -> dict[str, str]:
+    # limit always explicit: a missing key would keep the base config's (the quickstart's 64)
+    bench = {"name": BENCH, "data_path": s.test_data, "limit": s.val_limit or None}
+    out = {
+        "model.init_args.student": s.model,
+        "data.init_args.val_benchmarks": json.dumps([bench]),
+        "trainer.max_steps": str(s.steps),
+        "trainer.val_check_interval": str(s.steps),   # validate once, after the last step
+        "trainer.enable_checkpointing": "false",
+        "trainer.log_every_n_steps": "1",             # every step in the events: the run means use them all
+        "model.init_args.val_max_new_tokens": str(s.val_max_new_tokens) if s.val_max_new_tokens else "null",
+    }
+    if s.max_new_tokens:
+        out["model.init_args.max_new_tokens"] = str(s.max_new_tokens)
+    if s.batch_size:
+        out["data.init_args.batch_size"] = str(s.batch_size)
+    return out
+
+
+def plan(s: Study) -> list[StudyRun]:
+    """Every (method, seed) run of the study, with its resolved config's hash."""
+    out = []
+    for m in methods():
+        if m.name not in s.methods:
+            continue
+        for seed in s.seeds if m.trains else s.seeds[:1]:  # Base: greedy validation, the seed changes nothing
+            d = Path(s.root) / m.name / f"seed{seed}"
+            # the rollout streams and the data order follow seed_everything (their own seeds are unset)
+            sets = {**common_sets(s), **m.sets, "seed_everything": str(seed)}
+            configs = [s.base_config] + ([m.config] if m.config else [])
+            subcommand = "fit" if m.trains else "validate"
+            args = runs.run_args(configs, sets, d, resume=False)  # short runs, no checkpoints
+            out.append(StudyRun(m, seed, d, subcommand, args, runs.config_hash(runs.resolve(subcommand, args))))
+    return out
+
+
+def execute(planned: list[StudyRun], subprocess: bool = False, force: bool = False) -> list[str]:
+    """Run every run not finished under its config, each in a fresh folder; the names of the failed ones."""
+    failed = []
+    for i, r in enumerate(planned, 1):
+        tag = f"[{i}/{len(planned)}] {r.name}"
+        if not force and runs.status(r.dir, r.config_hash) == "finished" and r.results() is not None:
+            print(f"{tag}: finished, skipped", flush=True)
+            continue
+        shutil.rmtree(r.dir, ignore_errors=True)
+        runs.write_record(r.dir, method=r.method.name, seed=r.seed, command=[sys.executable, "-m", "aropd", r.subcommand, *r.args],
+                          config_hash=r.config_hash)
+        start = time.time()
+        rc = runs.launch(r.subcommand, r.args, r.dir / "fit.log", python=sys.executable if subprocess else None)
+        seconds = round(time.time() - start, 1)
+        if rc != 0 or r.results() is None:
+            failed.append(r.name)
+            print(f"{tag}: FAILED (exit {rc}) after {seconds}s; last lines of {r.dir / 'fit.log'}:\n"
+                  + runs.log_tail(r.dir / "fit.log"), file=sys.stderr, flush=True)
+            continue
+        runs.write_done(r.dir, r.config_hash, seconds=seconds)
+        print(f"{tag}: finished in {seconds}s", flush=True)
+    return failed
+
+
+# ---- the table --------------------------------------------------------------------------------------
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in the run's TensorBoard events: ``{tag: [(step, value), ...]}`` in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={SCALARS: 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, float(e.value)) for e in acc.Scalars(tag))
+    return {t: sorted(v, key=lambda sv: sv[0]) for t, v in out.items()}
+
+
+def run_values(run: StudyRun, bucket: str | None) -> dict[str, float | None]:
+    """The table's numbers of one finished run (fractions, not percent)."""
+    toy = run.results() or {}
+    out: dict[str, float | None] = {"acc": toy["accuracy"], "long_acc": toy.get(f"acc_{bucket}") if bucket else None}
+    tb = scalars(run.dir) if run.method.rollout else {}
+    mean = lambda tag: statistics.fmean(v for _, v in tb[tag]) if tb.get(tag) else None  # noqa: E731
+    out["shortcut"] = mean(SHORTCUT_TAG)
+    out["early"] = mean(EARLY_TAG)
+    out["shift"] = mean(SHIFT_TAG)
+    out["shift_first"] = tb[SHIFT_TAG][0][1] if tb.get(SHIFT_TAG) else None
+    return out
+
+
+def longest_common_bucket(finished: list[StudyRun]) -> str | None:
+    """The longest length bucket with at least one response in every run."""
+    from aropd.buckets import bucket_names
+
+    counts = [r.results() or {} for r in finished]
+    for name in reversed(bucket_names("len")):
+        if all((c.get(f"count_{name}") or 0) > 0 for c in counts):
+            return name
+    return None
+
+
+def mean_std(values: list[float | None], scale: float, fmt: str) -> str:
+    """``mean ± std`` (sample std; 0 for one value) of the non-missing values, or ``n/a``."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    m = statistics.fmean(vals) * scale
+    s = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
+    return f"{m:{fmt}} ± {s:{fmt}}"
+
+
+COLUMNS = [  # key, header, scale, format
+    ("acc", "Toy acc (%)", 100.0, ".1f"),
+    ("long_acc", "Long acc (%) [{bucket}]", 100.0, ".1f"),
+    ("shortcut", "Shortcut /1k tok", 1.0, ".2f"),
+    ("early", "Early answer (%)", 100.0, ".1f"),
+    ("shift", "Priv. shift (nats)", 1.0, ".3g"),
+    ("shift_first", "Shift @step 1 (nats)", 1.0, ".3g"),
+]
+
+
+def make_table(planned: list[StudyRun], s: Study) -> str:
+    finished = [r for r in planned if r.results() is not None]
+    bucket = longest_common_bucket(finished) if finished else None
+    header = ["Method", "Seeds"] + [h.format(bucket=(bucket or "none").removeprefix("len_").replace("_", "–"))
+                                    for _, h, _, _ in COLUMNS]
+    rows = []
+    for m in methods():
+        mine = [r for r in finished if r.method.name == m.name]
+        if not mine:
+            continue
+        vals = [run_values(r, bucket) for r in mine]
+        cells = [m.label, ",".join(str(r.seed) for r in mine)]
+        for key, _, scale, fmt in COLUMNS:
+            diagnostic = key not in ("acc", "long_acc")
+            cells.append("n/a" if diagnostic and not m.rollout else mean_std([v[key] for v in vals], scale, fmt))
+        rows.append(cells)
+    notes = [
+        "",
+        f"Model `{s.model}`; {s.steps} steps; seeds {' '.join(map(str, s.seeds or []))}; "
+        f"`{BENCH}` test split `{s.test_data}`" + (f" (first {s.val_limit})" if s.val_limit else "") + ".",
+        "Mean ± sample std over seeds (± 0.0: one run). Shortcut, early answer and privileged shift are "
+        "means over all logged training steps; Shift @step 1 is the first step (teacher = base model). "
+        "Base: one greedy validation, no training; SFT: no rollout or teacher, so n/a.",
+    ]
+    return markdown(header, rows) + "\n".join(notes) + "\n"
+
+
+def run_study(s: Study, force: bool = False, table_only: bool = False) -> int:
+    """Run the study (``s`` resolved) and write ``<root>/table.md``; the exit code."""
+    root = Path(s.root)
+    planned = plan(s)
+    failed = []
+    if not table_only:
+        print(f"cpu_study: {len(planned)} run(s) in {root}/ (model {s.model}, {s.steps} steps, seeds {s.seeds})",
+              flush=True)
+        t0 = time.time()
+        failed = execute(planned, s.subprocess, force)
+        print(f"cpu_study: runs took {time.time() - t0:.0f}s", flush=True)
+    if not any(r.results() is not None for r in planned):
+        print("cpu_study: no finished run; no table", file=sys.stderr)
+        return 1
+    table = make_table(planned, s)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "table.md").write_text(table)
+    print(f"cpu_study: table in {root / 'table.md'}:\n{table}", end="")
+    if failed:
+        print(f"cpu_study: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
