@@ -99,10 +99,10 @@ def test_quick_study_table_matches_the_runs(study):
             assert cells[4:] == ["n/a"] * 4, (label, cells)
             continue
         tb = tb_scalars(run_dir)
-        assert len(tb["train/privileged_shift"]) == 4  # one per step
+        assert len(tb["diag/privileged_shift"]) == 4  # one per step
         close(cells[4], statistics.fmean(tb["diag/shortcut/events_per_1k"]), ".2f")
         close(cells[5], 100 * statistics.fmean(tb["diag/early_answer_rate"]), ".1f")
-        shift = tb["train/privileged_shift"]
+        shift = tb["diag/privileged_shift"]
         assert all(math.isfinite(s) and s >= 0 for s in shift)
         close(cells[6], statistics.fmean(shift), ".3g")
         close(cells[7], shift[0], ".3g")

@@ -18,8 +18,9 @@ The table (``<root>/table.md``) has, per method, mean ± sample std over seeds o
 - **Shortcut /1k**: ``diag/shortcut/events_per_1k`` from the TensorBoard events, averaged over all
   logged steps of the run (the mean over the run, not the last value);
 - **Early answer**: ``diag/early_answer_rate``, mean over all logged steps of the run (percent);
-- **Priv. shift**: ``train/privileged_shift`` (mean KL(q_F ‖ q_P) per token, nats), mean over the run;
-- **Shift @1**: ``train/privileged_shift`` at the first step, where the teacher is still the base
+- **Priv. shift**: ``diag/privileged_shift`` (mean KL(q_F ‖ q_P) per token, nats; written by the
+  TeacherReliability callback every step), mean over the run;
+- **Shift @1**: ``diag/privileged_shift`` at the first step, where the teacher is still the base
   model: how much the privileged views differ on the base model.
 
 SFT has no rollout and no teacher, Base no training: their diagnostic columns are ``n/a``.
@@ -50,7 +51,7 @@ LAMBDAS = (0.6, 0.8, 1.2)
 BENCH = "toy"
 SHORTCUT_TAG = "diag/shortcut/events_per_1k"
 EARLY_TAG = "diag/early_answer_rate"
-SHIFT_TAG = "train/privileged_shift"
+SHIFT_TAG = "diag/privileged_shift"
 
 
 def default_model() -> str:
@@ -141,12 +142,18 @@ def config_steps(config: str) -> int:
 
 @dataclass
 class StudyRun:
+    """One planned run of the study."""
+
     method: Method
     seed: int
     dir: Path
+    """``<root>/<method>/seed<k>``, the run's log dir."""
     subcommand: str
+    """``fit``, or ``validate`` for Base."""
     args: list[str]
-    config_hash: str = ""
+    """The arguments of ``aropd <subcommand>``."""
+    config_hash: str
+    """SHA-256 of its resolved config."""
 
     @property
     def name(self) -> str:

@@ -87,12 +87,20 @@ class Sweep:
 
 @dataclass
 class Run:
+    """One planned run of a sweep."""
+
     name: str
+    """Folder name, from the grid values (``lam=0.6``)."""
     overrides: dict[str, str]
+    """Its grid values."""
     dir: Path
+    """Its run folder (log dir)."""
     args: list[str]
+    """The arguments of ``aropd fit``."""
     config_hash: str
+    """SHA-256 of its resolved config."""
     resolved: dict[str, Any]
+    """Its resolved config."""
 
 
 # ---- the grid --------------------------------------------------------------------------------------
