@@ -54,7 +54,8 @@ def test_every_canonical_humaneval_solution_passes_and_a_broken_variant_of_each_
     passed_bad = [r["task_id"] for r, v in zip(recs, broken) if v.correct]
     assert failed_good == []
     assert passed_bad == []
-    assert all(v.reason == "passed" for v in ok)
+    # a load spike on the grading machine may cost a first attempt: "passed on retry (...)"
+    assert all(v.reason.startswith("passed") for v in ok)
     assert all(v.reason.startswith("failed: AssertionError") for v in broken)
 
 

@@ -8,6 +8,7 @@ behind and write nothing outside their own temporary directory.
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,7 +98,8 @@ def test_hostile_programs_fail_in_time_and_leave_nothing(mode, tmp_path, monkeyp
 
     def go(item):
         name, (prog, lim, _) = item
-        return name, run_program(prog, lim, mode=mode, tag=tag)
+        # one attempt each: what is checked here is how one run ends (retries are tested below)
+        return name, run_program(prog, lim, mode=mode, tag=tag, retries=0)
 
     with ThreadPoolExecutor(2) as ex:
         results = dict(ex.map(go, cases.items()))
@@ -172,3 +174,81 @@ def test_interpreter_in_a_virtualenv_under_tmp_still_runs(mode, tmp_path):
     )
     out = subprocess.run([str(py), "-c", script], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True passed", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_wall_limit_starts_with_the_program_not_with_the_sandbox(mode, monkeypatch):
+    """A start-up made 2 s slow (as on a busy machine) does not count against a 1 s limit: a 0.5 s
+    sleep passes (2 + 0.5 s in all, more than the limit), a 1.5 s sleep still times out, after
+    2 + 1 s, and a start-up slower than its own limit is a start-up timeout."""
+    monkeypatch.setattr(sandbox, "_startup_delay_s", 2.0)
+    sleep = "import time\ntime.sleep({})\n"
+    r = run_program(sleep.format(0.5), Limits(timeout_s=1), mode=mode, retries=0)
+    assert (r.passed, r.reason, r.attempts) == (True, "passed", 1), r.output_tail
+    assert r.elapsed_s >= 2.5
+    r = run_program(sleep.format(1.5), Limits(timeout_s=1), mode=mode, retries=0)
+    assert (r.passed, r.reason) == (False, "timeout (wall 1 s after start)")
+    assert 3.0 <= r.elapsed_s < 3.0 + SLACK
+    r = run_program(sleep.format(0), Limits(timeout_s=10, startup_s=1), mode=mode, retries=0)
+    assert (r.passed, r.reason) == (False, "timeout (sandbox start-up 1 s)")
+    assert 1.0 <= r.elapsed_s < 1.0 + SLACK
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_busy_loop_hits_the_cpu_limit(mode):
+    # a generous wall limit, so that only the CPU limit (1 s of the loop's own CPU) can end it
+    r = run_program("while True:\n    pass\n", Limits(timeout_s=60, cpu_s=1), mode=mode, retries=0)
+    assert (r.passed, r.reason) == (False, "timeout (cpu 1 s)")
+    assert 1.0 <= r.elapsed_s < 60
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory the sandboxed program can read (outside the private /tmp, readable by the
+    unprivileged uid it runs as)."""
+    d = tempfile.mkdtemp(prefix="aropd-sandbox-test-", dir="/var/tmp")
+    os.chmod(d, 0o755)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _count_attempts(monkeypatch, after=lambda: None) -> list:
+    """Record each sandboxed attempt; ``after`` runs between attempts (the sandbox cannot write
+    outside, so the test leaves the marker the program looks for)."""
+    calls = []
+    real = sandbox._run_once
+
+    def once(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out[0].reason)
+        after()
+        return out
+
+    monkeypatch.setattr(sandbox, "_run_once", once)
+    return calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_timeout_is_retried_once_and_a_second_attempt_in_time_passes(mode, monkeypatch, shared_dir):
+    marker = shared_dir / "second-attempt"
+    calls = _count_attempts(monkeypatch, after=marker.touch)
+    prog = f"import os, time\nif not os.path.exists({str(marker)!r}):\n    time.sleep(60)\n"
+    r = run_program(prog, Limits(timeout_s=1), mode=mode)
+    assert calls == ["timeout (wall 1 s after start)", "passed"]
+    assert r.passed and r.attempts == 2
+    assert r.reason == "passed on retry (first attempt: timeout (wall 1 s after start))"
+    assert r.elapsed_s >= 1.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_program_that_always_times_out_fails_after_exactly_two_attempts(mode, monkeypatch):
+    calls = _count_attempts(monkeypatch)
+    r = run_program("import time\ntime.sleep(60)\n", Limits(timeout_s=1), mode=mode)
+    assert calls == ["timeout (wall 1 s after start)"] * 2
+    assert not r.passed and r.attempts == 2
+    assert r.reason == "timeout (wall 1 s after start) (on retry; first attempt: timeout (wall 1 s after start))"
+    assert 2.0 <= r.elapsed_s < 2 * (1.0 + SLACK)
+    # a failure that is not a timeout is not retried
+    calls.clear()
+    r = run_program("raise ValueError('no')\n", Limits(timeout_s=1), mode=mode)
+    assert (r.reason, r.attempts, len(calls)) == ("failed: ValueError: no", 1, 1)
