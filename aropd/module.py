@@ -55,15 +55,10 @@ class StudentModule(L.LightningModule):
             seed: Seed of the rollout sampling streams (one per epoch, batch and rank); null = ``seed_everything``.
         """
         super().__init__()
-        problems = []
-        if max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if val_max_new_tokens is not None and val_max_new_tokens < 1:
-            problems.append(f"val_max_new_tokens must be >= 1 or null, got {val_max_new_tokens}")
-        if loss_chunk_size is not None and loss_chunk_size < 1:
-            problems.append(f"loss_chunk_size must be >= 1 or null, got {loss_chunk_size}")
-        self.problems = problems  # subclasses add theirs, then call check_problems()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "engine"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "engine"])  # the subclasses' options too
+        problems = self.option_problems()
+        if problems:  # every problem at once, before any model is loaded
+            raise ValueError("; ".join(problems))
         self.seed = run_seed(seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.engine = engine if engine is not None else HFGenerate()
@@ -72,9 +67,16 @@ class StudentModule(L.LightningModule):
         self.val_metrics = torch.nn.ModuleDict()
         self._val_rows: dict[str, list[dict[str, Any]]] = {}
 
-    def check_problems(self) -> None:
-        if self.problems:
-            raise ValueError("; ".join(self.problems))
+    def option_problems(self) -> list[str]:
+        """What is wrong with the options (``self.hparams``); subclasses extend the list."""
+        h, problems = self.hparams, []
+        if h.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {h.max_new_tokens}")
+        if h.val_max_new_tokens is not None and h.val_max_new_tokens < 1:
+            problems.append(f"val_max_new_tokens must be >= 1 or null, got {h.val_max_new_tokens}")
+        if h.loss_chunk_size is not None and h.loss_chunk_size < 1:
+            problems.append(f"loss_chunk_size must be >= 1 or null, got {h.loss_chunk_size}")
+        return problems
 
     @property
     def method_name(self) -> str:
@@ -260,19 +262,22 @@ class PrivilegedDistillation(StudentModule):
             sampling: How rollouts are sampled (temperature, top-p, top-k); their length is ``max_new_tokens``.
         """
         super().__init__(student=student, **kwargs)
-        if not 0 <= jsd_beta <= 1:
-            self.problems.append(f"jsd_beta must be in [0, 1], got {jsd_beta}")
-        elif divergence != "jsd" and jsd_beta != 0.5:
-            self.problems.append(f"jsd_beta={jsd_beta} is set but divergence is {divergence!r}: it would do nothing")
-        if skip_tokens < 0:
-            self.problems.append(f"skip_tokens must be >= 0, got {skip_tokens}")
-        self.check_problems()
         self.teacher = teacher if teacher is not None else EMATeacher()
         self.target = target if target is not None else AnchoredResidual()
         sampling = sampling if sampling is not None else Sampling()
         self.sampling = SamplingConfig(**vars(sampling), max_new_tokens=self.hparams.max_new_tokens)
         self.teacher_model: torch.nn.Module | None = None
         self.probes = Probes()
+
+    def option_problems(self) -> list[str]:
+        h, problems = self.hparams, super().option_problems()
+        if not 0 <= h.jsd_beta <= 1:
+            problems.append(f"jsd_beta must be in [0, 1], got {h.jsd_beta}")
+        elif h.divergence != "jsd" and h.jsd_beta != 0.5:
+            problems.append(f"jsd_beta={h.jsd_beta} is set but divergence is {h.divergence!r}: it would do nothing")
+        if h.skip_tokens < 0:
+            problems.append(f"skip_tokens must be >= 0, got {h.skip_tokens}")
+        return problems
 
     @property
     def method_name(self) -> str:

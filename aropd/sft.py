@@ -17,7 +17,6 @@ class SupervisedFineTuning(StudentModule):
             student: Hub id, local folder or ``folder/file.gguf`` of the student causal LM.
         """
         super().__init__(student=student, **kwargs)
-        self.check_problems()
 
     @property
     def method_name(self) -> str:
