@@ -1,4 +1,4 @@
-"""Pure diagnostic functions (DESIGN.md §2) against values worked out by hand on small tensors."""
+"""Pure diagnostic functions (docs/diagnostics.md) against values worked out by hand on small tensors."""
 
 import math
 
