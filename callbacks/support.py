@@ -17,16 +17,33 @@ from .base import (
 VIEWS = ("full", "partial", "target")
 
 
+def fitted_ylim(values: torch.Tensor, margin: float = 0.08, min_span: float = 0.01) -> tuple[float, float]:
+    """y-limits around ``values`` with a ``margin`` of their range on each side.
+
+    A fixed 0–1 axis flattens the curves: mismatch typically sits within a few hundredths of
+    ``1 − top_p`` and the differences between views and positions are what the figure is for. The
+    span is at least ``min_span`` so that flat curves do not magnify float noise into structure.
+    """
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    pad = margin * (hi - lo)
+    return lo - pad, hi + pad
+
+
 class SupportMismatch(DiagnosticCallback):
     """Support mismatch of the full view, the partial view and the target (docs/diagnostics.md).
 
     Writes ``diag/support_mismatch/{full,partial,target}/pos_<lo>_<hi>`` (token mean within each
     completion-position bucket that had tokens) and ``.../mean`` (over all completion tokens),
     ``diag/support_gap/pos_<lo>_<hi>`` (full minus partial), and the figure
-    ``fig/support_mismatch_vs_position`` (one line per view, positions binned by ``bin_width``) over
-    the tokens since the previous figure, every ``figure_every_n_steps`` steps and at the end of
-    training. Drawing costs ~0.1 s of CPU whatever the model, as much as a whole step of the tiny
-    quickstart model, hence its own, sparser interval (and its curve gets the tokens it needs).
+    ``fig/support_mismatch_vs_position`` (one line per view, positions binned by ``bin_width``, the
+    y-axis fitted to the curves) over the training tokens since the previous figure, after every
+    validation in ``fit`` and at the end of training (and every ``figure_every_n_steps`` steps if
+    set). Drawing costs ~0.1 s of CPU whatever the model, as much as a whole step of the tiny
+    quickstart model, hence the validation cadence rather than every step: the figure then sits
+    next to the validation curves it explains, and each gets the tokens it needs.
     The module computes the mismatch in its loss pass, with this callback's ``top_p``, only while
     the callback is enabled.
     """
@@ -37,7 +54,7 @@ class SupportMismatch(DiagnosticCallback):
         enabled: bool = True,
         top_p: float = 0.9,
         figure: bool = True,
-        figure_every_n_steps: int = 50,
+        figure_every_n_steps: int | None = None,
         bin_width: int = 16,
         max_position: int = 4096,
     ) -> None:
@@ -47,7 +64,8 @@ class SupportMismatch(DiagnosticCallback):
             enabled: Off: the callback does nothing.
             top_p: Mass of the student's nucleus (the reachable support), in (0, 1].
             figure: Also write the figure (TensorBoard only).
-            figure_every_n_steps: Draw the figure every this many optimizer steps (and at the end).
+            figure_every_n_steps: Also draw the figure every this many optimizer steps (None: only
+                after each validation and at the end of training).
             bin_width: Positions per point of the figure.
             max_position: Positions from here on share the figure's last point.
         """
@@ -57,7 +75,7 @@ class SupportMismatch(DiagnosticCallback):
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.top_p = top_p
-        if figure_every_n_steps < 1:
+        if figure_every_n_steps is not None and figure_every_n_steps < 1:
             raise ValueError(f"figure_every_n_steps must be >= 1, got {figure_every_n_steps}")
         self.figure, self.figure_every_n_steps, self.bin_width = figure, figure_every_n_steps, bin_width
         self.n_buckets = len(EDGES) - 1
@@ -89,8 +107,14 @@ class SupportMismatch(DiagnosticCallback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.enabled and self.figure and self.is_write_step(trainer, self.figure_every_n_steps):
+        if (self.enabled and self.figure and self.figure_every_n_steps is not None
+                and self.is_write_step(trainer, self.figure_every_n_steps)):
             self._write_figure(trainer, self.log_step(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # In fit only (`aropd validate` trains nothing); the step is the one the val/ scalars carry.
+        if self.enabled and self.figure and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._write_figure(trainer, trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.enabled and self.figure:  # the last, partial interval
@@ -127,11 +151,12 @@ class SupportMismatch(DiagnosticCallback):
         ax = fig.add_subplot()
         seen = bins[3] > 0
         x = (torch.arange(self.n_bins, dtype=torch.float64) * self.bin_width + self.bin_width / 2)[seen]
-        for v, view in enumerate(VIEWS):
-            ax.plot(x.numpy(), (bins[v][seen] / bins[3][seen]).numpy(), marker=".", label=view)
+        curves = [bins[v][seen] / bins[3][seen] for v in range(len(VIEWS))]
+        for view, y in zip(VIEWS, curves):
+            ax.plot(x.numpy(), y.numpy(), marker=".", label=view)
         for edge in EDGES[1:-1]:
             if edge <= float(x.max()):
                 ax.axvline(edge, color="0.85", lw=0.8, zorder=0)
-        ax.set(xlabel="completion position (tokens)", ylabel="support mismatch", ylim=(-0.02, 1.02),
+        ax.set(xlabel="completion position (tokens)", ylabel="support mismatch", ylim=fitted_ylim(torch.cat(curves)),
                title="mass outside the student's top-p nucleus")
         ax.legend(loc="upper right")

@@ -8,6 +8,13 @@ same id are several samples of that problem (pass@k is then reported). Prints on
 ``benchmark``, ``n``, ``accuracy`` and more on standard output, and writes ``<benchmark>.jsonl`` and
 ``results.json`` into ``--out``. Response length is counted with ``--tokenizer`` when given, else in
 whitespace-separated tokens (``length_unit`` says which).
+
+Every problem of the benchmark (of ``--data`` when given) should have a response: a file that lacks
+some is an error naming how many and the first few ids, since an accuracy over the problems that
+happen to be there is not the benchmark's accuracy. ``--missing wrong`` counts each missing problem
+as one wrong sample (reason ``no response``, empty response, length 0); ``--missing skip`` grades only
+the responses given. The printed object and ``results.json``'s ``meta`` say which, as
+``"missing": {"policy": ..., "count": ..., "ids": [...]}`` (every missing id, in benchmark order).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import sys
 
 from aropd.io import read_records
 
-from .base import RecordError
+from .base import RecordError, Verdict
 from .registry import BENCHMARKS, get_benchmark
 from .results import sample_rows, write_results
 
@@ -34,6 +41,17 @@ def read_responses(path: str) -> list[dict]:
         if not isinstance(row["response"], str):
             raise RecordError(f"{path}: record {i}: field 'response' should be a string")
     return rows
+
+
+MISSING_POLICIES = ("error", "wrong", "skip")
+MISSING_REASON = "no response"
+SHOWN_IDS = 5  # ids an error message names
+
+
+def missing_ids(records: list[dict], id_field: str, rows: list[dict]) -> list[str]:
+    """Ids of the benchmark's problems that no response row names, in the benchmark's order."""
+    present = {str(r["id"]) for r in rows}
+    return list(dict.fromkeys(str(r[id_field]) for r in records if str(r[id_field]) not in present))
 
 
 def _lengths(texts: list[str], tokenizer: str | None) -> tuple[list[int], str]:
@@ -53,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="local file with the benchmark's records (its hub schema)")
     ap.add_argument("--workers", type=int, default=None, help="parallel grading processes")
     ap.add_argument("--tokenizer", default=None, help="tokenizer (path or name) to count response lengths")
+    ap.add_argument("--missing", choices=MISSING_POLICIES, default="error",
+                    help="problems with no response: an error (default), counted as wrong, or left out (skip)")
     return ap
 
 
@@ -65,18 +85,32 @@ def score(args: argparse.Namespace) -> dict:
     if missing:
         raise RecordError(f"{args.responses}: {len(missing)} response id(s) not in {b.name} "
                           f"(its {b.id_field!r} field), e.g. {missing[:3]}")
+    policy = getattr(args, "missing", "error")
+    absent = missing_ids(records, b.id_field, rows)
+    if absent and policy == "error":
+        shown = ", ".join(repr(i) for i in absent[:SHOWN_IDS]) + (", ..." if len(absent) > SHOWN_IDS else "")
+        raise RecordError(
+            f"{args.responses}: no response for {len(absent)} of the {len(by_id)} {b.name} problems "
+            f"(by its {b.id_field!r} field): {shown}. Pass --missing wrong to count them as wrong, "
+            f"or --missing skip to grade only the responses given")
     recs = [by_id[str(r["id"])] for r in rows]
     texts = [r["response"] for r in rows]
-    verdicts = b.grade(texts, recs, workers=args.workers)
+    verdicts = b.grade(texts, recs, workers=args.workers) if rows else []
     lengths, unit = _lengths(texts, args.tokenizer)
+    if policy == "wrong" and absent:  # one wrong, empty sample per missing problem, after the given ones
+        recs += [by_id[i] for i in absent]
+        texts += [""] * len(absent)
+        verdicts = list(verdicts) + [Verdict(False, None, MISSING_REASON)] * len(absent)
+        lengths = list(lengths) + [0] * len(absent)
     sample = sample_rows(b, recs, texts, verdicts, lengths)
+    missing = {"policy": policy, "count": len(absent), "ids": absent}
     meta = {"source": "aropd-score", "benchmark": b.name, "responses": str(args.responses),
-            "data": args.data, "length_unit": unit}
+            "data": args.data, "length_unit": unit, "missing": missing}
     summary = write_results(args.out, {b.name: sample}, meta)
     s = summary["benchmarks"][b.name]
     out = {"benchmark": b.name, "n": s["n"], "accuracy": s["accuracy"], "correct": s["correct"],
            "n_problems": s["n_problems"], "no_answer": s["no_answer"], "pass_at_k": s["pass_at_k"],
-           "length_unit": unit, "out": str(args.out)}
+           "length_unit": unit, "missing": missing, "out": str(args.out)}
     if "isolation" in s:
         out["isolation"] = s["isolation"]
     return out

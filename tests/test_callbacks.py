@@ -301,3 +301,20 @@ def test_fit_checkpoint_holds_the_cumulative_shortcut_counts(fit_run):
     resumed = ShortcutEvents()
     resumed.load_state_dict(ckpt["callbacks"]["ShortcutEvents"])
     assert resumed.totals == totals
+
+
+def test_fit_with_diagnostics_yaml_lays_out_tensorboard_and_validates_at_step_zero(fit_run):
+    from test_layout import EXPECTED_CHARTS, matching, read_layout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    charts = read_layout(fit_run.trainer.log_dir)  # DiagnosticsLayout from configs/diagnostics.yaml
+    for key, tags in EXPECTED_CHARTS.items():
+        assert matching(charts[key]) == tags, key
+    acc = EventAccumulator(fit_run.trainer.log_dir, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/toy/accuracy")][0] == 0
+    assert (Path(fit_run.trainer.log_dir) / "val" / "step_0" / "results.json").exists()
+    # figure_every_n_steps: null: the figure comes with the validation after step 4 (the end adds
+    # nothing: no tokens since)
+    assert [e.step for e in acc.Images("fig/support_mismatch_vs_position")] == [4]
+    assert [e.step for e in acc.Images("fig/long_rollout_accuracy")] == [0, 4]

@@ -75,10 +75,13 @@ def test_aropd_score_code_with_several_samples_reports_pass_at_k(tmp_path, capsy
         {"id": "HumanEval/0", "response": "no code here, sorry"},
         {"id": "HumanEval/2", "response": ok2}, {"id": "HumanEval/2", "response": ok2},
         {"id": "HumanEval/2", "response": ok2}])
-    rc = score_main(["--benchmark", "humaneval", "--responses", resp, "--out", str(tmp_path / "o"), "--workers", "2"])
+    rc = score_main(["--benchmark", "humaneval", "--responses", resp, "--out", str(tmp_path / "o"), "--workers", "2",
+                     "--missing", "skip"])  # two of HumanEval's 164 problems
     assert rc == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["n"] == 6 and printed["correct"] == 4 and printed["n_problems"] == 2
+    assert printed["missing"]["policy"] == "skip" and printed["missing"]["count"] == 162
+    assert "HumanEval/1" in printed["missing"]["ids"] and "HumanEval/0" not in printed["missing"]["ids"]
     # pass@1 = mean(1/3, 3/3); pass@2 = mean(1 - C(2,2)/C(3,2), 1) = mean(2/3, 1)
     assert printed["pass_at_k"]["pass@1"] == pytest.approx(2 / 3)
     assert printed["pass_at_k"]["pass@2"] == pytest.approx(5 / 6)
@@ -89,6 +92,78 @@ def test_aropd_score_code_with_several_samples_reports_pass_at_k(tmp_path, capsy
     rows = [json.loads(x) for x in (tmp_path / "o" / "humaneval.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, False, True, True, True]
     assert all(r["isolation"] == isolation_mode() for r in rows)
+
+
+def _toy_partial(tmp_path: Path) -> str:
+    """Responses for two of the four toy fixture problems: 1 and 3 have none."""
+    return _jsonl(tmp_path / "partial.jsonl", [{"id": "0", "response": "<answer>79</answer>"},
+                                               {"id": "2", "response": "<answer>5</answer>"}])
+
+
+def test_aropd_score_missing_responses_are_an_error_naming_them(tmp_path, capsys):
+    argv = ["--benchmark", "toy", "--responses", _toy_partial(tmp_path), "--out", str(tmp_path / "o"),
+            "--data", str(FIX / "toy.jsonl")]
+    assert score_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aropd-score: error:") and "partial.jsonl" in err
+    assert "no response for 2 of the 4 toy problems" in err and "'1', '3'" in err
+    assert "--missing wrong" in err and "--missing skip" in err
+    assert not (tmp_path / "o").exists()  # nothing written: no accuracy over a subset by accident
+    assert score_main([*argv, "--missing", "error"]) == 2  # the default, spelled out
+    capsys.readouterr()
+
+
+def test_aropd_score_error_names_the_first_few_of_many_missing(tmp_path, capsys):
+    b = get_benchmark("humaneval")
+    recs = b.load(limit=2)
+    resp = _jsonl(tmp_path / "r.jsonl", [{"id": r["task_id"], "response": "x"} for r in recs])
+    assert score_main(["--benchmark", "humaneval", "--responses", resp, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    n = len(b.load())
+    assert f"no response for {n - 2} of the {n} humaneval problems" in err
+    assert "'HumanEval/2', 'HumanEval/3', 'HumanEval/4', 'HumanEval/5', 'HumanEval/6', ..." in err
+    assert "HumanEval/7" not in err
+
+
+def test_aropd_score_missing_counted_as_wrong(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = score_main(["--benchmark", "toy", "--responses", _toy_partial(tmp_path), "--out", str(out),
+                     "--data", str(FIX / "toy.jsonl"), "--missing", "wrong"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["missing"] == {"policy": "wrong", "count": 2, "ids": ["1", "3"]}
+    assert (printed["n"], printed["correct"], printed["accuracy"], printed["n_problems"]) == (4, 2, 0.5, 4)
+    assert printed["no_answer"] == 0  # a missing response is not an unanswered one
+    rows = [json.loads(x) for x in (out / "toy.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["correct"], r["reason"], r["response"], r["length_tokens"]) for r in rows] == [
+        ("0", True, "correct", "<answer>79</answer>", 1), ("2", True, "correct", "<answer>5</answer>", 1),
+        ("1", False, "no response", "", 0), ("3", False, "no response", "", 0)]
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["missing"] == printed["missing"]
+    assert res["benchmarks"]["toy"]["accuracy"] == 0.5 and res["benchmarks"]["toy"]["count_len_0_256"] == 4
+
+
+def test_aropd_score_missing_skipped(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = score_main(["--benchmark", "toy", "--responses", _toy_partial(tmp_path), "--out", str(out),
+                     "--data", str(FIX / "toy.jsonl"), "--missing", "skip"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["missing"] == {"policy": "skip", "count": 2, "ids": ["1", "3"]}
+    assert (printed["n"], printed["correct"], printed["accuracy"], printed["n_problems"]) == (2, 2, 1.0, 2)
+    assert [json.loads(x)["id"] for x in (out / "toy.jsonl").read_text().splitlines()] == ["0", "2"]
+    assert json.loads((out / "results.json").read_text())["meta"]["missing"] == printed["missing"]
+
+
+def test_aropd_score_complete_responses_report_none_missing(tmp_path, capsys):
+    resp = _jsonl(tmp_path / "all.jsonl", [{"id": str(i), "response": "x"} for i in range(4)])
+    assert score_main(["--benchmark", "toy", "--responses", resp, "--out", str(tmp_path / "o"),
+                       "--data", str(FIX / "toy.jsonl")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["missing"] == {"policy": "error", "count": 0, "ids": []}
+    with pytest.raises(SystemExit):  # an unknown policy is refused by the parser
+        score_main(["--benchmark", "toy", "--responses", resp, "--out", str(tmp_path / "o"), "--missing", "zero"])
+    capsys.readouterr()
 
 
 def test_aropd_score_errors_are_named(tmp_path, capsys):
