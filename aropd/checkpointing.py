@@ -172,8 +172,27 @@ class ResumableCheckpoint(ModelCheckpoint):
     ``aropd.sharding.FSDP2Strategy`` publishes sharded checkpoint folders atomically itself.
     """
 
-    def __init__(self, dirpath=None, save_last: bool = True, save_top_k: int = 0, **kwargs: Any) -> None:
-        super().__init__(dirpath=dirpath, save_last=save_last, save_top_k=save_top_k, **kwargs)
+    def __init__(
+        self,
+        dirpath=None,
+        save_last: bool = True,
+        save_top_k: int = 0,
+        every_n_train_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            dirpath: Folder of the checkpoints (None: ``<default_root_dir>/checkpoints``).
+            save_last: Keep ``last.ckpt``.
+            save_top_k: Ranked copies besides ``last.ckpt`` (0: none, only the latest is kept).
+            every_n_train_steps: Save every this many optimizer steps instead of after each
+                validation: a cadence independent of how often (or how long) validation runs, which
+                bounds the work a preemption loses. Each save replaces ``last.ckpt``, so the folder
+                holds one checkpoint however many were saved. None: after each validation.
+            kwargs: The rest of ``ModelCheckpoint``'s options.
+        """
+        super().__init__(dirpath=dirpath, save_last=save_last, save_top_k=save_top_k,
+                         every_n_train_steps=every_n_train_steps, **kwargs)
 
     def _stable_dir(self, trainer) -> None:
         if self.dirpath is None:
@@ -185,6 +204,26 @@ class ResumableCheckpoint(ModelCheckpoint):
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+
+    def _save_last_on_epoch_cadence(self, trainer) -> None:
+        # Lightning (2.6) writes last.ckpt after a validation or an epoch only when it saved a top-k
+        # copy at that step; with save_top_k=0 there is none, so last.ckpt would wait for the end of
+        # fit. Save it here instead, on the same conditions Lightning's top-k save has. After a save
+        # at this step (by Lightning or the cadence) `_should_skip_saving_checkpoint` is true: one write.
+        if (self.save_top_k == 0 and self.save_last and self._every_n_epochs >= 1
+                and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+                and not self._should_skip_saving_checkpoint(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_on_epoch_cadence(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_on_epoch_cadence(trainer)
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
