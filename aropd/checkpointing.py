@@ -18,8 +18,10 @@ never a torn one; leftovers of an interrupted write are removed by the next publ
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -120,19 +122,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with open(staging, "wb") as f:
                 torch.save(checkpoint, f)
             publish(staging, path)
-        except BaseException:
+        except BaseException as e:
             staging.unlink(missing_ok=True)
-            raise
+            os_error = _os_error_in(e)
+            if os_error is None:
+                raise
+            # torch's zip writer turns a failed write (a full disk, a quota) into "[enforce fail at
+            # inline_container.cc] unexpected pos", the real cause only chained: surface the cause
+            # with the checkpoint it was writing.
+            raise OSError(os_error.errno, f"{os_error.strerror or os_error} (writing the checkpoint)", str(path)) from e
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if is_sharded_checkpoint(path):
             return load_sharded_weights(Path(path))
-        if map_location is None:
-            return super().load_checkpoint(path, weights_only=weights_only)
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        try:
+            if map_location is None:
+                return super().load_checkpoint(path, weights_only=weights_only)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            # torch names neither the file nor what it expected ("PytorchStreamReader failed reading zip archive").
+            raise ValueError(f"{path}: {unreadable_checkpoint_reason(path, e)}") from e
 
     def remove_checkpoint(self, path) -> None:
         remove(Path(path))
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The first ``OSError`` with an errno in ``e`` or the exceptions it was raised from or during."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def unreadable_checkpoint_reason(path, error: BaseException) -> str:
+    """Why ``path`` could not be read as a checkpoint, in words: what it is, and what was expected."""
+    expected = (
+        "expected a Lightning checkpoint (a torch zip archive written by `aropd fit`, or a sharded checkpoint folder)"
+    )
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+        size = p.stat().st_size
+    except OSError as e:
+        return f"cannot be read ({e}); {expected}"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(p):
+        return (
+            f"truncated or damaged: a zip archive without its end ({size} bytes; a copy or a write cut short?); "
+            + expected
+        )
+    if not zipfile.is_zipfile(p):
+        return f"not a checkpoint: the file starts with {head!r}, not a zip archive; {expected}"
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"not a readable checkpoint ({type(error).__name__}: {first_line}); {expected}"
 
 
 def is_sharded_checkpoint(path) -> bool:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from aropd.checkpointing import ResumableCheckpoint
+from aropd.checkpointing import ResumableCheckpoint, is_sharded_checkpoint, unreadable_checkpoint_reason
 from aropd.data import PrivilegedDataModule
 from aropd.module import StudentModule
+
+# `--ckpt_path` values that Lightning resolves itself rather than naming a file.
+_SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 
 
 class AropdCLI(LightningCLI):
@@ -28,10 +38,31 @@ class AropdCLI(LightningCLI):
             "per-token ops are too small to split, and spinning OpenMP threads stall on a shared machine.",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would merge the checkpoint's saved hyperparameters over the parsed config, so an
+        # option given on the command line (`--model.init_args.val_max_new_tokens`) was silently
+        # replaced by the training run's value. A checkpoint gives weights and training state only;
+        # options come from the config and the command line. The file is checked here instead, so a
+        # wrong one fails before any model or data is loaded.
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if _local_ckpt_path(ckpt_path):
+            if not Path(ckpt_path).exists():
+                raise FileNotFoundError(f"--ckpt_path: no such checkpoint: {ckpt_path}")
+            if not is_sharded_checkpoint(ckpt_path):
+                _read_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         threads = self._get(self.config, "cpu_threads")
         if threads:
             torch.set_num_threads(threads)
+        # Model paths first: a typo or a hub id without network fails in a second, naming the option,
+        # before the module loads anything (a teacher is otherwise loaded only when training starts).
+        from aropd.models import check_model_source
+
+        for option, name in _model_sources(self._get(self.config, "model")):
+            check_model_source(name, option)
 
     def instantiate_trainer(self, **kwargs):
         # `--ckpt_path last` needs last.ckpt in a folder that outlives the logger version: unless the
@@ -45,10 +76,129 @@ class AropdCLI(LightningCLI):
             ]
         return trainer
 
+    def before_fit(self) -> None:
+        self._check_before_run("fit")
+
+    def before_validate(self) -> None:
+        self._check_before_run("validate")
+
+    def _check_before_run(self, stage: str) -> None:
+        # Before the trainer runs: its logger creates lightning_logs/version_N and SaveConfigCallback
+        # writes config.yaml ahead of the datamodule's setup, so a bad checkpoint or a bad record would
+        # otherwise leave an empty run folder behind. The datamodule's setup is idempotent: the
+        # trainer's own call then reuses what was built here.
+        path = self._resolve_ckpt_path(self._get(self.config_init, "ckpt_path"))
+        if path is not None and not is_sharded_checkpoint(path):
+            ckpt = _read_checkpoint(path)
+            _check_method(ckpt, path, type(self.model))
+            _check_student_shapes(ckpt, path, self.model.hparams.get("student"))
+        if self.datamodule is not None:
+            self.datamodule.setup(stage)
+
+    def _resolve_ckpt_path(self, ckpt_path: Any) -> str | None:
+        if str(ckpt_path) != "last":
+            return str(ckpt_path) if _local_ckpt_path(ckpt_path) else None
+        # As Lightning resolves "last": the newest last*.ckpt its checkpoint callbacks know of.
+        found = set()
+        for cb in self.trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                found |= cb._find_last_checkpoints(self.trainer)
+        return max(found, key=os.path.getmtime) if found else None
+
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective under distributed strategies: every rank asks
         if self.trainer.is_global_zero:
             print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
+
+
+def _local_ckpt_path(ckpt_path: Any) -> bool:
+    """A checkpoint named by a local path (not one Lightning resolves, nor a remote fsspec URL)."""
+    return bool(ckpt_path) and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path)
+
+
+def _model_sources(model_config: Any) -> list[tuple[str, str]]:
+    """(option, path) of every model the configured module will load: the student, a separate teacher."""
+    init = (model_config or {}).get("init_args") or {}
+    sources = []
+    if isinstance(init.get("student"), str):
+        sources.append(("model.init_args.student", init["student"]))
+    teacher = init.get("teacher")
+    teacher_init = (teacher.get("init_args") if hasattr(teacher, "get") else None) or {}
+    if isinstance(teacher_init.get("model"), str):
+        sources.append(("model.init_args.teacher.init_args.model", teacher_init["model"]))
+    return sources
+
+
+def _read_checkpoint(path) -> dict[str, Any]:
+    """The checkpoint's contents, memory-mapped (the tensors are not read), or an error naming the file."""
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:
+            if not zipfile.is_zipfile(path):
+                raise
+            # A whole archive holding objects beyond tensors and plain types: the trainer unpickles it
+            # in full when it restores, so reading it so here trusts it no further.
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--ckpt_path {path}: {unreadable_checkpoint_reason(path, e)}") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        keys = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"--ckpt_path {path}: a torch file but not a Lightning checkpoint (no 'state_dict'; holds {keys}); "
+            "expected a checkpoint written by `aropd fit`"
+        )
+    return ckpt
+
+
+def _check_method(ckpt: dict[str, Any], path, configured: type) -> None:
+    """The configured module class must be the one that trained: the module's class is an option like
+    any other (not taken from the checkpoint), and another method's state would not load (an
+    SFT checkpoint has no teacher for PrivilegedDistillation)."""
+    trained = (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    name = f"{configured.__module__}.{configured.__qualname__}"
+    if trained and trained != name:
+        raise ValueError(
+            f"--ckpt_path {path} was trained by {trained}, but the config's model is {name}: "
+            f"pass `--model {trained}` (or the method config it was trained with)"
+        )
+
+
+def _check_student_shapes(ckpt: dict[str, Any], path, student: str | None) -> None:
+    """The checkpoint's student weights must fit the configured student, name for name, shape for shape."""
+    saved = {k[len("student."):]: tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    if not saved or not student:
+        return
+    try:
+        expected = _causal_lm_shapes(student)
+    except Exception:
+        return  # no meta-device build for this architecture: Lightning's strict load still compares
+    missing = sorted(expected.keys() - saved.keys())
+    extra = sorted(saved.keys() - expected.keys())
+    differ = sorted(k for k in expected.keys() & saved.keys() if expected[k] != saved[k])
+    if not (missing or extra or differ):
+        return
+    details = [f"{k}: {saved[k]} in the checkpoint, {expected[k]} configured" for k in differ[:3]]
+    details += [f"{len(missing)} parameters missing from the checkpoint (e.g. {missing[0]})"] if missing else []
+    details += [f"{len(extra)} checkpoint parameters the student lacks (e.g. {extra[0]})"] if extra else []
+    raise ValueError(
+        f"--ckpt_path {path} holds a different model than model.init_args.student={student!r}: "
+        + "; ".join(details)
+        + ". Set model.init_args.student to the model the checkpoint was trained from."
+    )
+
+
+def _causal_lm_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of ``name``'s architecture, built on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aropd.models import _split_gguf
+
+    path, gguf = _split_gguf(name)
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def main(args: list[str] | None = None) -> AropdCLI:
@@ -67,8 +217,17 @@ def main(args: list[str] | None = None) -> AropdCLI:
 
 
 def entry() -> None:
-    """Console-script entry point (``aropd``): like ``main`` but returns nothing for ``sys.exit``."""
-    main()
+    """Console-script entry point (``aropd``): like ``main``, but a bad config, path or record ends in
+    one line, ``aropd: error: <message>``, and exit status 2 (``AROPD_DEBUG=1``: the traceback)."""
+    try:
+        main()
+    except (ValueError, OSError, ImportError) as e:  # FileNotFoundError is an OSError
+        if os.environ.get("AROPD_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        print("aropd: (AROPD_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"aropd: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,117 @@ def _split_gguf(name: str) -> tuple[str, str | None]:
     return (str(p.parent), p.name) if p.suffix == ".gguf" else (name, None)
 
 
+def _offline() -> bool:
+    # The environment as well as huggingface_hub's constant: the constant is read once, at its import.
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def _in_hub_cache(repo_id: str, *files: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    files = files or ("config.json", "tokenizer_config.json")
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in files)
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "~")) or Path(name).is_absolute():
+        return False
+    try:
+        validate_repo_id(name)
+    except Exception:
+        return False
+    return True
+
+
+_checked: set[str] = set()
+
+
+def check_model_source(name: str, option: str | None = None) -> None:
+    """Fail fast, in words, when ``name`` cannot be loaded: a local folder or file that is not there,
+    a hub id that is neither cached nor reachable, a GGUF file without the ``gguf`` extra.
+
+    ``option`` (e.g. ``model.init_args.student``) is named in the error. Runs before transformers,
+    whose hub client retries an unreachable hub for over a minute before a generic error.
+    """
+    where = f"{option}: " if option else ""
+    path = resolve(name)
+    if path in _checked:
+        return
+    p = Path(path)  # transformers does not expand '~' either
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            # "org/repo/file.gguf" may name a file of a hub repository.
+            repo = Path(path).parent.as_posix()
+            if not _is_hub_id(repo):
+                raise FileNotFoundError(f"{where}no such GGUF file: {name}{_relative_to_cwd(p)}")
+            if not _in_hub_cache(repo, p.name):
+                subject = f"{where}no such GGUF file {name!r}{_relative_to_cwd(p)}, and {repo!r} as a hub id"
+                _check_on_hub(repo, subject, p.name)
+        missing = [m for m in ("gguf", "accelerate") if not _importable(m)]
+        if missing:
+            raise ImportError(
+                f"{where}{name} is a GGUF file: loading it needs {' and '.join(missing)}: pip install 'aropd[gguf]'"
+            )
+    elif not p.exists():
+        if not _is_hub_id(path):
+            raise FileNotFoundError(f"{where}no such folder: {name}{_relative_to_cwd(p)}")
+        if not _in_hub_cache(path):
+            _check_on_hub(path, f"{where}no such folder {name!r}{_relative_to_cwd(p)}, and {name!r} as a hub id")
+    _checked.add(path)
+
+
+def _relative_to_cwd(p: Path) -> str:
+    return "" if p.is_absolute() else f" (relative to {Path.cwd()})"
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _check_on_hub(repo_id: str, subject: str, filename: str = "config.json") -> None:
+    how = (
+        f"To run offline, download it once on a machine with network (`hf download {repo_id}`, "
+        f"`huggingface-cli download {repo_id}` with older huggingface_hub) and copy the Hugging Face cache "
+        "(HF_HOME) here, or pass a local folder."
+    )
+    if _offline():
+        raise FileNotFoundError(
+            f"{subject} is not in the local Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE). {how}"
+        )
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        # One request, a short timeout, no retries: the answer (or its absence) in seconds.
+        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=10)
+    except GatedRepoError:
+        return  # transformers' own error explains access requests
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{subject} is not on the Hugging Face hub (or it is private: `hf auth login` first)"
+        ) from None
+    except HfHubHTTPError:
+        return  # the hub answered: transformers reports the details (a missing file, a revision)
+    except Exception as e:
+        raise OSError(
+            f"{subject} is not in the local Hugging Face cache, and the hub is unreachable "
+            f"({type(e).__name__}: {e}). {how}"
+        ) from None
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
+    check_model_source(name)
     path, gguf = _split_gguf(name)
     tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
@@ -42,6 +151,7 @@ def load_causal_lm(name: str, dtype: str = "float32") -> torch.nn.Module:
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    check_model_source(name)
     path, gguf = _split_gguf(name)
     kw: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if gguf:

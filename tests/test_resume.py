@@ -155,3 +155,52 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_losses(t
     print("per-step |loss(killed + resumed) - loss(uninterrupted)|:", diffs)
     assert max(diffs) <= 1e-6, diffs
     assert len({lw[s][0][0] for s in lw}) == 6  # the losses really move
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (every write: ENOSPC)")
+def test_a_full_disk_on_save_is_an_os_error_naming_the_checkpoint(tmp_path, monkeypatch):
+    """torch's zip writer reports a failed write as "[enforce fail at inline_container.cc] unexpected
+    pos", the ENOSPC only chained; the error raised is the ENOSPC, with the checkpoint's path last."""
+    import builtins
+    import errno
+
+    import aropd.checkpointing as ckpt_mod
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr(ckpt_mod, "open", lambda path, mode="r": builtins.open("/dev/full", mode), raising=False)
+    with pytest.raises(OSError) as e:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(100_000)}, ckpt)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(ckpt)
+    assert str(e.value).endswith(f": '{ckpt}'") and "No space left on device" in str(e.value)
+    assert "inline_container" not in str(e.value)
+    assert list(ckpt.parent.iterdir()) == []  # no staging file left behind
+
+
+def test_a_damaged_checkpoint_is_named_when_loaded(tmp_path):
+    io = AtomicCheckpointIO()
+    good = tmp_path / "good.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}}, good)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=rf"{cut}: truncated or damaged.*expected a Lightning checkpoint"):
+        io.load_checkpoint(cut)
+
+
+def test_a_resume_restores_the_training_state_and_keeps_the_command_lines_options(tmp_path, monkeypatch):
+    """Resumed from a 1-step checkpoint trained with val_max_new_tokens 24 and rollouts of 48 tokens,
+    with 9 and 16 on the command line: the run continues at step 1 (the checkpoint's state) with 9
+    and 16 (the command's options), not the trained-with values Lightning's CLI merges back in."""
+    from aropd.cli import main
+
+    monkeypatch.chdir(ROOT)
+    base = ["fit", "--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "0"]
+    main([*base, "--trainer.max_steps", "1", "--model.init_args.val_max_new_tokens", "24"])
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["max_new_tokens"] == 48
+    cli = main([*base, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt),
+                "--model.init_args.val_max_new_tokens", "9", "--model.init_args.max_new_tokens", "16"])
+    assert cli.trainer.global_step == 2
+    assert cli.model.hparams.val_max_new_tokens == 9 and cli.model.hparams.max_new_tokens == 16
+    assert cli.model.sampling.max_new_tokens == 16 and cli.datamodule.hparams.max_new_tokens == 16
+    assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["val_max_new_tokens"] == 9
