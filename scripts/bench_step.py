@@ -4,6 +4,7 @@
     python scripts/bench_step.py --diagnostics [--repeats 3]    # diagnostics overhead (ar_opd)
     python scripts/bench_step.py --processes 1 2                # FSDP2 over gloo: tokens/s, peak RSS per process
     python scripts/bench_step.py --loss-memory                  # chunked vs. unchunked loss at a 150k vocabulary
+    python scripts/bench_step.py --loss-timing [--loss-repeats 5]  # fused vs. previous vs. single-view loss time
 
 Each method runs in its own process (so peak RSS is its own) on the tests' tiny random model.
 Figures are medians over the measured steps; the machine is shared, so compare ratios in one run.
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="with --processes: torch threads per rank (more than the free cores stalls OpenMP)")
     p.add_argument("--loss-memory", action="store_true",
                    help="peak memory of the chunked vs. unchunked loss at a 150k vocabulary; see loss_memory()")
+    p.add_argument("--loss-timing", action="store_true",
+                   help="loss forward + backward time, fused vs. previous vs. single view; see loss_timing()")
+    p.add_argument("--loss-repeats", type=int, default=5, help="with --loss-timing: timed runs per setting")
     p.add_argument("--_scale_child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_loss_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return scale(a.processes, a.steps, a.warmup, a.threads_per_process, a.global_batch)
     if a.loss_memory:
         return loss_memory()
+    if a.loss_timing:
+        return loss_timing(repeats=a.loss_repeats, threads=a.threads)
     if a._child:
         extra = [a.model_args] if a.model_args else []
         print("RESULT " + json.dumps(run_one(a._child, a.steps, a.warmup, extra, a._diag, a.threads, a.figure_every)))
@@ -285,10 +291,34 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def run_loss_memory(chunk: int | None, vocab: int, tokens: int, hidden: int, out: str, top_p: float | None) -> dict:
+def _previous_distillation_loss():
+    """The loss as it was before the fused pass (each chunk checkpointed, autograd over the vocabulary),
+    kept as the reference in tests/test_loss.py."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_loss import _reference_distillation_loss
+
+    return _reference_distillation_loss
+
+
+def _loss_inputs(batch: int, tokens: int, hidden: int, vocab: int):
+    import torch
+
+    torch.manual_seed(0)
+    s_head = torch.nn.Linear(hidden, vocab, bias=False)
+    t_head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+    student_h = torch.randn(batch, tokens, hidden, requires_grad=True)
+    teacher_h = torch.randn(2 * batch, tokens, hidden)
+    ids = torch.randint(0, vocab, (batch, tokens))
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    return s_head, t_head, student_h, teacher_h, ids, mask
+
+
+def run_loss_memory(impl: str, chunk: int | None, vocab: int, tokens: int, hidden: int, out: str,
+                    top_p: float | None) -> dict:
     """One loss forward + backward (student and both teacher views, diagnostics included) from hidden
-    states through 150k-wide output layers; peak RSS above the level before the call (Linux VmHWM,
-    reset through /proc/self/clear_refs so set-up and imports do not count)."""
+    states through 150k-wide output layers, by the fused pass (``impl="fused"``) or the previous one;
+    peak RSS above the level before the call (Linux VmHWM, reset through /proc/self/clear_refs so
+    set-up and imports do not count)."""
     import torch
 
     from aropd.loss import Probes, distillation_loss
@@ -296,20 +326,15 @@ def run_loss_memory(chunk: int | None, vocab: int, tokens: int, hidden: int, out
     from aropd.types import TeacherScores
 
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    s_head = torch.nn.Linear(hidden, vocab, bias=False)
-    t_head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
-    student_h = torch.randn(1, tokens, hidden, requires_grad=True)
-    teacher_h = torch.randn(2, tokens, hidden)
-    ids = torch.randint(0, vocab, (1, tokens))
-    mask = torch.ones(1, tokens, dtype=torch.long)
+    loss_fn = distillation_loss if impl == "fused" else _previous_distillation_loss()
+    s_head, t_head, student_h, teacher_h, ids, mask = _loss_inputs(1, tokens, hidden, vocab)
     target = AnchoredResidual(lam=0.8, clip=5.0)
     probes = Probes(sampled=True, shift=True, residual=True, support_top_p=top_p)
 
     def run(n: int):
         scores = TeacherScores(full=teacher_h[:1, :n], partial=teacher_h[1:, :n])
-        loss, _ = distillation_loss(student_h[:, :n], scores, s_head, t_head, ids[:, :n], mask[:, :n],
-                                    target, chunk_size=chunk, probes=probes)
+        loss, _ = loss_fn(student_h[:, :n], scores, s_head, t_head, ids[:, :n], mask[:, :n],
+                          target, chunk_size=chunk, probes=probes)
         loss.backward()
         return loss
 
@@ -323,24 +348,26 @@ def run_loss_memory(chunk: int | None, vocab: int, tokens: int, hidden: int, out
     seconds = time.perf_counter() - t0
     peak = _rss_mb("VmHWM") - before
     torch.save({"loss": loss.detach(), "grad_hidden": student_h.grad, "grad_head": s_head.weight.grad}, out)
-    return {"chunk": chunk, "peak_mb": peak, "seconds": seconds, "loss": float(loss)}
+    return {"impl": impl, "chunk": chunk, "peak_mb": peak, "seconds": seconds, "loss": float(loss)}
 
 
-def loss_memory(vocab: int = 150_000, tokens: int = 256, hidden: int = 64, chunks=(None, 64, 32),
+def loss_memory(vocab: int = 150_000, tokens: int = 256, hidden: int = 64,
+                settings=(("previous", None), ("previous", 64), ("fused", None), ("fused", 64), ("fused", 32)),
                 top_p: float | None = 0.9) -> list[dict]:
-    """Peak memory of the loss, unchunked vs. chunked, at a 150k vocabulary (one process per setting).
+    """Peak memory of the loss, fused and previous, unchunked vs. chunked, at a 150k vocabulary (one
+    process per setting; the first is the reference the others are compared with).
 
     One sequence of ``tokens`` completion positions; an fp32 [tokens, vocab] tensor is
-    ``tokens · vocab · 4`` bytes (154 MB here). Values and gradients must agree with the unchunked ones."""
+    ``tokens · vocab · 4`` bytes (146 MiB here). Values and gradients must agree with the reference."""
     import tempfile
 
     import torch
 
     results, saved = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for chunk in chunks:
-            out = str(Path(tmp) / f"{chunk}.pt")
-            args = dict(chunk=chunk, vocab=vocab, tokens=tokens, hidden=hidden, out=out, top_p=top_p)
+        for impl, chunk in settings:
+            out = str(Path(tmp) / f"{impl}-{chunk}.pt")
+            args = dict(impl=impl, chunk=chunk, vocab=vocab, tokens=tokens, hidden=hidden, out=out, top_p=top_p)
             # glibc keeps freed small blocks (and, past its adaptive threshold, blocks of tens of MB) in
             # its heap, so RSS would show the allocator's history; served by mmap, every block goes back
             # to the system when freed, and peak RSS follows the live tensors.
@@ -349,22 +376,82 @@ def loss_memory(vocab: int = 150_000, tokens: int = 256, hidden: int = 64, chunk
                                  capture_output=True, text=True, cwd=ROOT, env=env)
             line = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
-                sys.exit(f"chunk {chunk} failed:\n{run.stderr[-3000:]}")
+                sys.exit(f"{impl} chunk {chunk} failed:\n{run.stderr[-3000:]}")
             results.append(json.loads(line[-1][7:]))
-            saved[chunk] = torch.load(out)
-    ref = saved[None]
+            saved[impl, chunk] = torch.load(out)
+    ref = saved[settings[0]]
     base = results[0]["peak_mb"]
     print(f"loss at vocab {vocab}, {tokens} positions, hidden {hidden}, support_top_p {top_p}; "
-          f"one fp32 [{tokens}, {vocab}] tensor = {tokens * vocab * 4 / 2**20:.0f} MB")
-    print(f"{'chunk':>9} {'peak MB':>8} {'vs unchunked':>13} {'seconds':>8} {'|Δloss|':>9} {'|Δgrad| max':>12}")
+          f"one fp32 [{tokens}, {vocab}] tensor = {tokens * vocab * 4 / 2**20:.0f} MiB")
+    print(f"{'path':>9} {'chunk':>6} {'peak MB':>8} {'vs first':>9} {'seconds':>8} {'|Δloss|':>9}"
+          f" {'|Δgrad| max':>12}")
     for r in results:
-        got = saved[r["chunk"]]
+        got = saved[r["impl"], r["chunk"]]
         r["ratio"] = r["peak_mb"] / base
         r["loss_diff"] = float((got["loss"] - ref["loss"]).abs())
         r["grad_diff"] = max(float((got[k] - ref[k]).abs().max()) for k in ("grad_hidden", "grad_head"))
         name = "none" if r["chunk"] is None else str(r["chunk"])
-        print(f"{name:>9} {r['peak_mb']:>8.0f} {r['ratio']:>13.3f} {r['seconds']:>8.2f} {r['loss_diff']:>9.1e}"
-              f" {r['grad_diff']:>12.1e}")
+        print(f"{r['impl']:>9} {name:>6} {r['peak_mb']:>8.0f} {r['ratio']:>9.3f} {r['seconds']:>8.2f}"
+              f" {r['loss_diff']:>9.1e} {r['grad_diff']:>12.1e}")
+    return results
+
+
+def loss_timing(repeats: int = 5, threads: int = 2,
+                sizes=((8192, 8, 128, 256), (150_000, 1, 256, 64)), chunk: int | None = 256) -> list[dict]:
+    """Forward + backward time of the loss alone (from hidden states, no diagnostics), per ``(vocab,
+    batch, positions, hidden)``: the fused pass and the previous one on AR-OPD's target (both views,
+    forward KL), the fused pass on a single view (``FullView``), and a single-view reference — plain
+    autograd forward KL toward one view, unchunked, the least any loss of this kind does.
+
+    The four alternate within each repeat (so a busy machine slows them alike); medians over
+    ``repeats`` of wall and process CPU time, and ratios to the fused pass."""
+    import torch
+
+    from aropd.divergences import forward_kl
+    from aropd.loss import distillation_loss, sequence_weights
+    from aropd.targets import AnchoredResidual, FullView
+    from aropd.types import TeacherScores
+
+    torch.set_num_threads(threads)
+    previous = _previous_distillation_loss()
+    results = []
+    for vocab, batch, tokens, hidden in sizes:
+        s_head, t_head, student_h, teacher_h, ids, mask = _loss_inputs(batch, tokens, hidden, vocab)
+        scores = TeacherScores(full=teacher_h[:batch], partial=teacher_h[batch:])
+        ar = AnchoredResidual(lam=0.8, clip=5.0)
+
+        def single_view_reference():
+            with torch.no_grad():
+                t_lp = t_head(scores.full).float().log_softmax(-1)
+            per = forward_kl(t_lp, s_head(student_h).float().log_softmax(-1))
+            return (per * sequence_weights(mask)).sum()
+
+        impls = {
+            "fused": lambda: distillation_loss(student_h, scores, s_head, t_head, ids, mask, ar, chunk_size=chunk)[0],
+            "previous": lambda: previous(student_h, scores, s_head, t_head, ids, mask, ar, chunk_size=chunk)[0],
+            "fused 1 view": lambda: distillation_loss(student_h, scores, s_head, t_head, ids, mask, FullView(),
+                                                      chunk_size=chunk)[0],
+            "1-view ref": single_view_reference,
+        }
+        wall: dict[str, list[float]] = {k: [] for k in impls}
+        cpu: dict[str, list[float]] = {k: [] for k in impls}
+        for r in range(repeats + 1):  # the first round warms up
+            for name, fn in impls.items():
+                student_h.grad, s_head.weight.grad = None, None
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn().backward()
+                if r:
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+        med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in impls}
+        print(f"loss forward + backward: vocab {vocab}, batch {batch}, {tokens} positions, hidden {hidden}, "
+              f"chunk {chunk}, {threads} threads, median of {repeats}")
+        print(f"{'':>13} {'wall s':>8} {'cpu s':>8} {'wall / fused':>13} {'cpu / fused':>12}")
+        for name, (w, c) in med.items():
+            print(f"{name:>13} {w:>8.3f} {c:>8.3f} {w / med['fused'][0]:>13.2f} {c / med['fused'][1]:>12.2f}")
+        results.append({"vocab": vocab, "batch": batch, "tokens": tokens, "hidden": hidden, "chunk": chunk,
+                        "median_wall_s": {k: v[0] for k, v in med.items()},
+                        "median_cpu_s": {k: v[1] for k, v in med.items()}})
     return results
 
 
