@@ -111,18 +111,18 @@ def anchored_residual(
     residual = clipped = None
     if details or not (lam == 0 or (lam == 1 and no_clip)):
         raw = full - partial
-        residual = raw if no_clip else raw.clamp(-clip, clip)
-        clipped = None if no_clip else raw.abs() > clip
+        # Entries where both views put zero mass give -inf - -inf = NaN: a zero residual, kept at zero mass below.
+        residual = (raw if no_clip else raw.clamp(-clip, clip)).nan_to_num(0.0)
+        if details and not no_clip:
+            clipped = raw.abs() > clip
     # The endpoints return their view as is, so they are bit-identical to FullView / PartialView.
     if lam == 0:
         logprobs = partial
     elif lam == 1 and no_clip:
         logprobs = full
     else:
-        # Entries where both views put zero mass give -inf - -inf = NaN; they stay at zero mass.
-        logits = torch.where(torch.isneginf(partial), partial, partial + lam * residual.nan_to_num(0.0))
-        logprobs = logits.log_softmax(-1)
-    return TargetOutput(logprobs, residual.nan_to_num(0.0) if residual is not None else None, clipped)
+        logprobs = torch.where(torch.isneginf(partial), partial, partial + lam * residual).log_softmax(-1)
+    return TargetOutput(logprobs, residual if details else None, clipped)
 
 
 def anchored_residual_target(
