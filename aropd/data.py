@@ -22,7 +22,7 @@ from aropd.io import read_records
 from aropd.paths import resolve
 from aropd.rollout import GenerationWindow, GenerationWindowSampler, WindowKeyed, run_seed
 from aropd.types import PrivilegedBatch, PromptBatch
-from aropd.views import PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
+from aropd.views import Budgets, PromptTemplate, PromptTooLong, partial_view, render, teacher_prompt
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,14 @@ class PrivilegedExample(NamedTuple):
     truncated: bool  # a view's reasoning had to be shortened to fit its budget
 
 
-def build_example(tokenizer, template: PromptTemplate, q: str, r: str, a: str, budget) -> PrivilegedExample:
+def build_example(
+    tokenizer, template: PromptTemplate, q: str, r: str, a: str, budget: Budgets, partial_ratio: float
+) -> PrivilegedExample:
     student = render(tokenizer, template.student_messages(q))
     if len(student) > budget.max_prompt_tokens:
         raise PromptTooLong(f"student prompt has {len(student)} tokens > max_prompt_tokens")
     full = teacher_prompt(tokenizer, template, q, r, a, budget.max_teacher_tokens)
-    part = teacher_prompt(tokenizer, template, q, partial_view(r, budget.partial_ratio), a, budget.max_teacher_tokens)
+    part = teacher_prompt(tokenizer, template, q, partial_view(r, partial_ratio), a, budget.max_teacher_tokens)
     reference = tokenizer(template.format_trace(r, a), add_special_tokens=False)["input_ids"]
     reference = reference[: budget.max_new_tokens - 1] + [tokenizer.eos_token_id]
     return PrivilegedExample(student, full.ids, part.ids, reference, a, full.truncated or part.truncated)
@@ -179,8 +181,7 @@ class PrivilegedDataModule(L.LightningDataModule):
         self.fields = FieldNames(**fields) if isinstance(fields, dict) else fields or FieldNames()
         self.template = PromptTemplate(**template) if isinstance(template, dict) else template or PromptTemplate()
         self.partial_ratio = partial_ratio
-        self.max_prompt_tokens, self.max_teacher_tokens = max_prompt_tokens, max_teacher_tokens
-        self.max_new_tokens = max_new_tokens
+        self.budgets = Budgets(max_prompt_tokens, max_teacher_tokens, max_new_tokens)
         self.val_benchmarks = list(val_benchmarks or [])
         self._tokenizer = None
         self.train_examples: list[PrivilegedExample] | None = None
@@ -220,7 +221,7 @@ class PrivilegedDataModule(L.LightningDataModule):
             for row in rows:
                 q, r, a = (str(row[k]) for k in (f.question, f.reasoning, f.answer))
                 try:
-                    ex = build_example(self.tokenizer, self.template, q, r, a, self)
+                    ex = build_example(self.tokenizer, self.template, q, r, a, self.budgets, self.partial_ratio)
                 except PromptTooLong:
                     dropped += 1
                     continue

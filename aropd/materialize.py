@@ -64,7 +64,10 @@ from typing import Any
 
 from aropd.answers import LANGUAGE_ALIASES, Box, CodeBlock, code_blocks, find_boxes
 from aropd.io import RecordError, Records, atomic_writes, open_records
-from aropd.views import PromptTemplate, render
+from aropd.views import Budgets, PromptTemplate, render
+
+# The paper's completion budget; the prompt budgets are the training defaults.
+DEFAULT_BUDGETS = Budgets(max_new_tokens=1024)
 
 
 class MaterializeError(Exception):
@@ -512,13 +515,6 @@ def row_order(n: int, seed: int, limit: int | None) -> Iterator[int]:
     return iter(sorted(range(n), key=lambda i: subset_key(seed, i)))
 
 
-@dataclass
-class Budgets:
-    max_prompt_tokens: int = 512
-    max_teacher_tokens: int = 1024
-    max_completion_tokens: int = 1024
-
-
 class LengthFilter:
     """Token lengths of the three things training builds from an example, against their budgets."""
 
@@ -542,7 +538,7 @@ class LengthFilter:
         """Raise ``Drop`` for the first length over its budget (measured in this order, lazily)."""
         b = self.budgets
         budgets = {"student_prompt": b.max_prompt_tokens, "teacher_prompt": b.max_teacher_tokens,
-                   "completion": b.max_completion_tokens}
+                   "completion": b.max_new_tokens}
         n = {}
         for key, measure in self._measures(*example):
             n[key] = measure()
@@ -601,7 +597,7 @@ def materialize(
 ) -> dict[str, Any]:
     """Write ``out`` (JSONL) and its manifest; return the manifest. See the module docstring."""
     args = {k: v for k, v in locals().items() if k != "log"}
-    args["budgets"], args["out"] = asdict(budgets or Budgets()), str(out)
+    args["budgets"], args["out"] = asdict(budgets or DEFAULT_BUDGETS), str(out)
     src = get_source(source)
     out = Path(out)
     if out.suffix != ".jsonl":
@@ -620,7 +616,7 @@ def materialize(
             tok = load_tokenizer(tokenizer)
         except Exception as e:
             raise MaterializeError(f"cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
-        lengths = LengthFilter(tok, tpl, budgets or Budgets())
+        lengths = LengthFilter(tok, tpl, budgets or DEFAULT_BUDGETS)
     ds = load_rows(input, split, cache_dir)
     if not set(src.columns) & set(ds.columns):
         raise MaterializeError(
@@ -728,10 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-teacher-tokens", type=int, default=1024, help="full-view teacher prompt budget (default: 1024)"
     )
     p.add_argument(
-        "--max-completion-tokens",
+        "--max-new-tokens",
         type=int,
         default=1024,
-        help="reference response budget, EOS included (default: 1024)",
+        help="completion budget: the reference response, EOS included, as the model's max_new_tokens (default: 1024)",
     )
     p.add_argument("--template", help="YAML with PromptTemplate fields, or a fit config with data.init_args.template")
     p.add_argument("--code-language", action="append", help="code: keep only main blocks in this language (repeatable)")
@@ -750,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=a.limit,
             seed=a.seed,
             tokenizer=a.tokenizer,
-            budgets=Budgets(a.max_prompt_tokens, a.max_teacher_tokens, a.max_completion_tokens),
+            budgets=Budgets(a.max_prompt_tokens, a.max_teacher_tokens, a.max_new_tokens),
             template=a.template,
             code_languages=a.code_language,
             cache_dir=a.cache_dir,

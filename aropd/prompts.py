@@ -78,7 +78,7 @@ def iter_examples(dm: PrivilegedDataModule) -> Iterator[tuple[str, int, dict[str
         for i, row in enumerate(rows):
             q, r, a = (str(row[k]) for k in (f.question, f.reasoning, f.answer))
             try:
-                ex = build_example(dm.tokenizer, dm.template, q, r, a, dm)
+                ex = build_example(dm.tokenizer, dm.template, q, r, a, dm.budgets, dm.partial_ratio)
             except PromptTooLong:
                 ex = None
             yield src, i, {"question": q, "reasoning": r, "answer": a}, ex
@@ -97,21 +97,21 @@ def format_example(dm: PrivilegedDataModule, src: str, index: int, rec: dict[str
     tok = dm.tokenizer
     q, r, a = rec["question"], rec["reasoning"], rec["answer"]
     # The same calls build_example makes, repeated only to say which view's trace was shortened.
-    full = teacher_prompt(tok, dm.template, q, r, a, dm.max_teacher_tokens)
+    full = teacher_prompt(tok, dm.template, q, r, a, dm.budgets.max_teacher_tokens)
     part_reasoning = partial_view(r, dm.partial_ratio)
-    part = teacher_prompt(tok, dm.template, q, part_reasoning, a, dm.max_teacher_tokens)
+    part = teacher_prompt(tok, dm.template, q, part_reasoning, a, dm.budgets.max_teacher_tokens)
     assert full.ids == ex.full and part.ids == ex.partial, "prompt rendering is not deterministic"
 
     def shortened(kept: str, given: str, truncated: bool) -> str:
         if not truncated:
             return "no"
         return (f"YES, reasoning cut to {_word_count(kept)} of {_word_count(given)} words to fit "
-                f"max_teacher_tokens={dm.max_teacher_tokens}")
+                f"max_teacher_tokens={dm.budgets.max_teacher_tokens}")
 
     lines = [
         RULE,
         f"example from {src}, record {index}",
-        f"--- student prompt: {len(ex.student)} tokens (max_prompt_tokens={dm.max_prompt_tokens})",
+        f"--- student prompt: {len(ex.student)} tokens (max_prompt_tokens={dm.budgets.max_prompt_tokens})",
         decode(tok, ex.student),
         f"--- full view: {len(ex.full)} tokens; trace shortened: {shortened(full.reasoning_kept, r, full.truncated)}",
         decode(tok, ex.full),
@@ -119,7 +119,7 @@ def format_example(dm: PrivilegedDataModule, src: str, index: int, rec: dict[str
         f"{_word_count(part_reasoning)} of {_word_count(r)} words; "
         f"trace shortened: {shortened(part.reasoning_kept, part_reasoning, part.truncated)}",
         decode(tok, ex.partial),
-        f"--- reference response (the SFT target; cut to max_new_tokens={dm.max_new_tokens}): "
+        f"--- reference response (the SFT target; cut to max_new_tokens={dm.budgets.max_new_tokens}): "
         f"{len(ex.reference)} tokens",
         decode(tok, ex.reference),
     ]
@@ -179,7 +179,7 @@ def show(dm: PrivilegedDataModule, n: int, benchmark: str | None) -> None:
         if ex is None:
             dropped += 1
             print(f"{RULE}\nexample from {src}, record {i}: DROPPED (student prompt over "
-                  f"max_prompt_tokens={dm.max_prompt_tokens}, or no trace fits max_teacher_tokens)")
+                  f"max_prompt_tokens={dm.budgets.max_prompt_tokens}, or no trace fits max_teacher_tokens)")
             continue
         print(format_example(dm, src, i, rec, ex))
         shown += 1

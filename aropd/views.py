@@ -14,6 +14,7 @@ token for the student and both views.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,6 +40,22 @@ def partial_view(reasoning: str, ratio: float) -> str:
         while cut < len(reasoning) and _is_word_char(reasoning[cut]):
             cut += 1
     return reasoning[:cut].rstrip()
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Token budgets of one training example: its prompts and its completion."""
+
+    max_prompt_tokens: int = 512
+    """The student prompt; a longer question is dropped."""
+    max_teacher_tokens: int = 1024
+    """Each teacher prompt; the trace's reasoning is shortened to fit."""
+    max_new_tokens: int = 128
+    """The completion: the rollout length, and where SFT's reference response is cut."""
+
+    @classmethod
+    def unlimited(cls) -> Budgets:
+        return cls(sys.maxsize, sys.maxsize, sys.maxsize)
 
 
 @dataclass

@@ -366,11 +366,11 @@ def test_length_filters(tmp_path):
     # budgets just under the largest of each length, one at a time
     for k, (arg, reason) in enumerate(
         [("max_prompt_tokens", "student_prompt_too_long"), ("max_teacher_tokens", "teacher_prompt_too_long"),
-         ("max_completion_tokens", "completion_too_long")]
+         ("max_new_tokens", "completion_too_long")]
     ):
         top = max(v[k] for v in lens.values())
         budgets = M.Budgets(**{**{"max_prompt_tokens": 10**6, "max_teacher_tokens": 10**6,
-                                  "max_completion_tokens": 10**6}, arg: top - 1})
+                                  "max_new_tokens": 10**6}, arg: top - 1})
         m, kept = run(tmp_path, "math", name=f"{arg}.jsonl", tokenizer=TINY, budgets=budgets)
         too_long = sorted(i for i, v in lens.items() if v[k] > top - 1)
         assert too_long and drops(m)[reason] == too_long
@@ -516,7 +516,7 @@ def test_data_config_matches_its_command(source):
 def test_aropd_fit_reads_the_output(tmp_path, monkeypatch):
     cli = pytest.importorskip("aropd.cli")
     # materialized for the quickstart's tiny student, with the rollout budget the fit below uses
-    budgets = M.Budgets(max_prompt_tokens=512, max_teacher_tokens=1024, max_completion_tokens=100)
+    budgets = M.Budgets(max_prompt_tokens=512, max_teacher_tokens=1024, max_new_tokens=100)
     paths, rows = [], 0
     for source in ("math", "code", "medical"):
         rows += run(tmp_path, source, tokenizer=TINY, budgets=budgets)[0]["rows_out"]

@@ -46,7 +46,7 @@ from aropd.data import PrivilegedExample, build_example, pad
 from aropd.divergences import forward_kl
 from aropd.models import train_tiny_tokenizer
 from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
-from aropd.views import PromptTemplate, partial_view
+from aropd.views import Budgets, PromptTemplate, partial_view
 
 VIEWS = ("student", "full", "partial")  # the prompt fields of aropd.data.PrivilegedExample
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -157,17 +157,10 @@ def build_model(tok: Any, a: PretrainArgs) -> Any:
 # ---------------------------------------------------------------------------------------------- data
 
 
-class _Uncut(NamedTuple):
-    # A budget for build_example that cuts nothing: every toy problem fits the model's positions whole.
-    partial_ratio: float
-    max_prompt_tokens: int = sys.maxsize
-    max_teacher_tokens: int = sys.maxsize
-    max_new_tokens: int = sys.maxsize
-
-
 def example(tok: Any, template: PromptTemplate, problem: dict[str, str], ratio: float) -> PrivilegedExample:
     """The three prompts and the reference response (trace + EOS) of a problem, as training builds them."""
-    return build_example(tok, template, problem["question"], problem["reasoning"], problem["answer"], _Uncut(ratio))
+    return build_example(tok, template, problem["question"], problem["reasoning"], problem["answer"],
+                         Budgets.unlimited(), ratio)  # every toy problem fits the model's positions whole
 
 
 def encode(tok: Any, template: PromptTemplate, problem: dict[str, str], view: str, ratio: float):
