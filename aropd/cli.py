@@ -201,19 +201,19 @@ def _causal_lm_shapes(name: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+# How every aropd command line is parsed (``aropd`` and ``aropd-prompts``).
+CLI_KWARGS: dict = dict(
+    subclass_mode_model=True,
+    subclass_mode_data=True,
+    seed_everything_default=0,
+    # `--trainer.max_step 5` must be an error, not silently `max_steps`.
+    parser_kwargs={"allow_abbrev": False},
+    auto_configure_optimizers=False,
+)
+
+
 def main(args: list[str] | None = None) -> AropdCLI:
-    return AropdCLI(
-        StudentModule,
-        PrivilegedDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        # `--trainer.max_step 5` must be an error, not silently `max_steps`.
-        parser_kwargs={"allow_abbrev": False},
-        args=args,
-        auto_configure_optimizers=False,
-    )
+    return AropdCLI(StudentModule, PrivilegedDataModule, save_config_kwargs={"overwrite": True}, args=args, **CLI_KWARGS)
 
 
 def entry() -> None:

@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Any, Iterator
 
-from aropd.cli import AropdCLI
+from aropd.cli import CLI_KWARGS, AropdCLI
 from aropd.data import PrivilegedDataModule, PrivilegedExample, build_example, check_records, load_records
 from aropd.module import StudentModule
 from aropd.views import PromptTooLong, partial_view, render, teacher_prompt
@@ -55,17 +55,7 @@ class _ArgvHidden:
 def load_datamodule(cli_args: list[str]) -> PrivilegedDataModule:
     """The data module that ``aropd fit <cli_args>`` would train on (not set up)."""
     with _ArgvHidden():
-        cli = _ParseOnlyCLI(
-            StudentModule,
-            PrivilegedDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            parser_kwargs={"allow_abbrev": False},
-            args=cli_args,
-            run=False,
-            auto_configure_optimizers=False,
-        )
+        cli = _ParseOnlyCLI(StudentModule, PrivilegedDataModule, args=cli_args, run=False, **CLI_KWARGS)
     return cli.datamodule
 
 
