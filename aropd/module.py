@@ -156,6 +156,11 @@ class StudentModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = self.optimizer_factory(params)
+        # torch checks lr >= 0 but lets inf and NaN through; they would poison the first step.
+        bad = [f"{k}={v}" for k, v in opt.defaults.items() for x in (v if isinstance(v, tuple) else (v,))
+               if isinstance(x, float) and not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"optimizer ({type(opt).__name__}): non-finite option(s) {', '.join(sorted(set(bad)))}")
         if self.scheduler_factory is None:
             return opt
         sched = self.scheduler_factory(opt)

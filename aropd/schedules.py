@@ -18,8 +18,13 @@ class WarmupCosine(LambdaLR):
     def __init__(
         self, optimizer: Optimizer, warmup_ratio: float = 0.1, min_lr_ratio: float = 0.0, total_steps: int | None = None
     ) -> None:
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        problems = []
+        if not 0 <= warmup_ratio < 1:  # also rejects NaN
+            problems.append(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if not 0 <= min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if problems:
+            raise ValueError("scheduler: " + "; ".join(problems))
         self.warmup_ratio, self.min_lr_ratio, self.total_steps = warmup_ratio, min_lr_ratio, total_steps
         super().__init__(optimizer, self._factor)
 

@@ -163,3 +163,21 @@ def test_seed_everything_reaches_the_rollouts_and_the_data_order(tmp_path, monke
     assert a == b
     assert a[0] != c[0] and a[1] != c[1]
     assert d == a
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("model: {init_args: {optimizer: {init_args: {lr: .inf}}}}", "lr=inf"),
+    ("model: {init_args: {optimizer: {init_args: {weight_decay: .nan}}}}", "weight_decay"),  # torch names it itself
+    ("model: {init_args: {scheduler: {init_args: {min_lr_ratio: 2.0}}}}", "min_lr_ratio"),
+    ("model: {init_args: {sampling: {temperature: .inf}}}", "temperature"),
+])
+def test_non_finite_or_out_of_range_training_options_stop_before_the_first_step(tmp_path, monkeypatch, yaml_text, needle):
+    """As a YAML config writes them (`.inf`, `.nan`): rejected naming the option, before any optimizer step."""
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml_text + "\n")
+    with pytest.raises((ValueError, SystemExit)) as e:
+        main(["fit", "--config", "configs/quickstart.yaml", "--config", str(TINY_CONF), "--config", str(bad),
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)])
+    assert needle in str(e.value) or needle in str(e.value.__context__)
+    assert not list(tmp_path.rglob("*.ckpt"))
