@@ -349,6 +349,8 @@ def distillation_loss(
     skip_tokens: int = 0,
     chunk_size: int | None = 256,
     probes: Probes = Probes(),
+    rollout_logprobs: torch.Tensor | None = None,
+    importance_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distill the student toward the target on its own rollout.
 
@@ -359,11 +361,18 @@ def distillation_loss(
         target: maps the views' log-probs to ``log π*`` (``aropd.targets``).
         skip_tokens: the first k completion tokens carry no loss.
         probes: the per-position diagnostics to compute in the same chunk pass.
+        rollout_logprobs: ``[B, T]`` log-probs of the sampled tokens under the policy that sampled them
+            (an engine's copy of the student); given, the result has ``rollout_gap`` = ``|log π_θ(y_t) −
+            rollout_logprobs|`` per position, from this pass's student log-probs.
+        importance_cap: with ``rollout_logprobs``, each position's loss (and gradient) is multiplied by the
+            truncated importance weight ``min(π_θ(y_t) / π_rollout(y_t), importance_cap)``, held constant.
 
     Returns:
         The scalar loss and a dict of detached per-position ``[B, T]`` diagnostics (``StepRecord``
-        fields, ``mismatch`` ``[3, B, T]``), only those the probes asked for.
+        fields, ``mismatch`` ``[3, B, T]``), only those the probes asked for, and ``rollout_gap``.
     """
+    if importance_cap is not None and rollout_logprobs is None:
+        raise ValueError("importance_cap needs the rollout's log-probs (an engine that keeps them)")
     missing = sorted(v for v in target.views | probes.views if getattr(scores, v) is None)
     if missing:
         raise ValueError(f"teacher scores lack the view(s) {missing} that {target!r} and the probes need")
@@ -381,16 +390,30 @@ def distillation_loss(
         f_lp, p_lp = view_logprobs(scores.full, sl), view_logprobs(scores.partial, sl)
         t = target(f_lp, p_lp, details=probes.residual)
         t_lp = t.logprobs
-        record = probes.any and sl.start not in done  # a checkpoint recomputation must not record twice
+        first = sl.start not in done  # a checkpoint recomputation must not record twice
+        done.add(sl.start)
+        record = probes.any and first
         if record:
-            done.add(sl.start)
             rows = _residual_rows(probes, f_lp, t, y)
         del t  # its residual and clip mask go before the other probes make their [B, c, V] tensors
         if record:
             # The student's log-probs, the views and the target are the loss's own, computed once.
             _record_chunk(out, probes, rows, s_lp, f_lp, p_lp, t_lp, y)
         del f_lp, p_lp  # the views go before the divergence makes its tensors
-        return div(t_lp, s_lp, y, grad=grad)
+        per, g = div(t_lp, s_lp, y, grad=grad)
+        if rollout_logprobs is None:
+            return per, g
+        log_ratio = _gather(s_lp, y) - rollout_logprobs[:, sl]
+        if first:
+            out.setdefault("rollout_gap", []).append(log_ratio.abs())
+        if importance_cap is not None:
+            # A constant weight per position (no gradient through the ratio), as in truncated IS for
+            # off-policy corrections: it rescales what each sampled token teaches, not the target.
+            w = log_ratio.exp().clamp(max=importance_cap)
+            per = per * w
+            if g is not None:
+                g = g.mul_(w.unsqueeze(-1))
+        return per, g
 
     loss = token_loss(student_hidden, student_head, sequence_weights(loss_mask), terms, chunk_size)
     return loss, {k: torch.cat(v, dim=-1) for k, v in out.items()}

@@ -51,7 +51,8 @@ class StudentModule(L.LightningModule):
             gradient_checkpointing: Recompute the student's activations in backward to save memory.
             optimizer: Optimizer class and arguments.
             scheduler: Learning-rate scheduler; ``aropd.schedules.WarmupCosine`` learns its length from the trainer.
-            engine: Rollout engine: ``HFGenerate`` (transformers' ``generate``, default) or ``LeanDecode``.
+            engine: Rollout engine: ``HFGenerate`` (transformers' ``generate``, default), ``LeanDecode``, or
+                ``aropd.vllm_engine.VLLMEngine`` (vLLM in this process, weights synced after each optimizer step).
             seed: Seed of the rollout sampling streams (one per epoch, batch and rank); null = ``seed_everything``.
         """
         super().__init__()
@@ -134,6 +135,13 @@ class StudentModule(L.LightningModule):
                 )
         finally:
             self.student.train(was_training)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.engine.weights_updated()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.engine.weights_updated()  # an engine built before a restore holds the weights it replaces
 
     def check_finite(self, loss: torch.Tensor, **inputs: torch.Tensor | None) -> None:
         """Stop before the optimizer step when the loss is not finite, naming the first input that is not.
@@ -254,6 +262,7 @@ class PrivilegedDistillation(StudentModule):
         jsd_beta: float = 0.5,
         skip_tokens: int = 0,
         sampling: Sampling | None = None,
+        importance_cap: float | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -265,6 +274,9 @@ class PrivilegedDistillation(StudentModule):
             jsd_beta: β of the generalized JSD (0 = forward KL, 1 = reverse KL); only with ``divergence: jsd``.
             skip_tokens: The first k completion tokens carry no loss.
             sampling: How rollouts are sampled (temperature, top-p, top-k); their length is ``max_new_tokens``.
+            importance_cap: Truncated importance weights ``min(π_θ(y_t) / π_engine(y_t), C)`` on each token's
+                loss, with C this cap; corrects for the engine's copy of the student differing from it
+                (numerics, stale weights). null = off. Needs an engine that keeps log-probs (``VLLMEngine``).
         """
         super().__init__(student=student, **kwargs)
         self.teacher = teacher if teacher is not None else EMATeacher()
@@ -273,6 +285,9 @@ class PrivilegedDistillation(StudentModule):
         self.sampling = SamplingConfig(**vars(sampling), max_new_tokens=self.hparams.max_new_tokens)
         self.teacher_model: torch.nn.Module | None = None
         self.probes = Probes()
+        if importance_cap is not None and not self.engine.keeps_logprobs:
+            raise ValueError(f"importance_cap: the engine {type(self.engine).__name__} does not keep the sampled "
+                             "tokens' log-probs to weigh by (use aropd.vllm_engine.VLLMEngine)")
 
     def option_problems(self) -> list[str]:
         h, problems = self.hparams, super().option_problems()
@@ -282,6 +297,8 @@ class PrivilegedDistillation(StudentModule):
             problems.append(f"jsd_beta={h.jsd_beta} is set but divergence is {h.divergence!r}: it would do nothing")
         if h.skip_tokens < 0:
             problems.append(f"skip_tokens must be >= 0, got {h.skip_tokens}")
+        if h.importance_cap is not None and not (math.isfinite(h.importance_cap) and h.importance_cap > 0):
+            problems.append(f"importance_cap must be a finite number > 0 or null, got {h.importance_cap}")
         return problems
 
     @property
@@ -342,7 +359,9 @@ class PrivilegedDistillation(StudentModule):
                 rollout.completion_ids, rollout.completion_mask, self.target,
                 divergence=self.hparams.divergence, jsd_beta=self.hparams.jsd_beta,
                 skip_tokens=self.hparams.skip_tokens, chunk_size=self.hparams.loss_chunk_size, probes=self.probes,
+                rollout_logprobs=rollout.logprobs, importance_cap=self.hparams.importance_cap,
             )
+            gap = per_pos.pop("rollout_gap", None)
         self.check_finite(**{"loss": loss, "full-view teacher output": scores.full,
                              "partial-view teacher output": scores.partial, "student output": student_h})
         record = StepRecord(
@@ -350,6 +369,9 @@ class PrivilegedDistillation(StudentModule):
             privileged_len=batch.privileged_len, answers=batch.answers, **per_pos,
         )
         self.log_train(loss, rollout.completion_mask)
+        if gap is not None:  # trainer-sampler mismatch: mean over completion tokens
+            m = rollout.completion_mask.float()
+            self.log("diag/rollout_logprob_gap", (gap * m).sum() / m.sum().clamp(min=1), batch_size=m.shape[0])
         return {"loss": loss, "record": record}
 
     def optimizer_step(self, *args, **kwargs) -> None:

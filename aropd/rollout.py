@@ -94,6 +94,13 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 class RolloutEngine:
     """Turns prompts into a :class:`Rollout`. Subclasses implement :meth:`generate`."""
 
+    keeps_logprobs = False
+    """Whether its rollouts carry the sampled tokens' log-probs (``Rollout.logprobs``)."""
+
+    def weights_updated(self) -> None:
+        """The student's weights changed (an optimizer step, a restore). Engines that sample from their
+        own copy of the weights refresh it before they next sample; the others read the student's."""
+
     def generate(
         self,
         model: torch.nn.Module,
@@ -483,8 +490,9 @@ class RolloutBuffer:
         r = self.rollout
         cmask = r.completion_mask[window.start : window.stop]
         width = max(int(cmask.sum(-1).max()), 1)
-        out = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                      completion_ids=r.completion_ids[window.start : window.stop, :width], completion_mask=cmask[:, :width])
+        rows = slice(window.start, window.stop)
+        out = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=r.completion_ids[rows, :width],
+                      completion_mask=cmask[:, :width], logprobs=None if r.logprobs is None else r.logprobs[rows, :width])
         staleness = global_step - self.step
         if staleness > 1 and not self._warned:
             self._warned = True
