@@ -1,0 +1,168 @@
+"""The vLLM rollout engine against the student itself, on toy-base (head_dim 32: vLLM's CPU attention
+has no kernel for tiny-llama's 16). Runs in the vLLM stage of scripts/test.sh (its own venv, see
+scripts/setup_vllm.sh); without vllm installed only the install-hint test runs."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from aropd.rollout import HFGenerate, SamplingConfig, eos_ids_of, seeded
+from aropd.vllm_engine import VLLMEngine, vllm_available
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_BASE = str(ROOT / "aropd/assets/toy-base")
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm not installed (the vLLM stage: scripts/setup_vllm.sh)")
+CPU = torch.device("cpu")
+
+
+def test_without_vllm_the_engine_names_the_extra_to_install():
+    if vllm_available():
+        pytest.skip("vllm is installed")
+    with pytest.raises(ValueError, match=r'aropd\[vllm\]'):
+        VLLMEngine()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """toy-base, its EOS ids, and a batch of 8 toy student prompts as training sees them (left-padded)."""
+    from aropd.data import PrivilegedDataModule, pad
+    from aropd.models import load_causal_lm
+    from aropd.toy import TOY_TEMPLATE
+
+    dm = PrivilegedDataModule(tokenizer=TOY_BASE, template=TOY_TEMPLATE, batch_size=8, max_new_tokens=96)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    model = load_causal_lm(TOY_BASE, "float32").eval()
+    # Toy prompts all have one length: drop 2·i leading tokens of row i, so rows are left-padded differently.
+    ids, mask = pad([row[2 * i :].tolist() for i, row in enumerate(batch.student_ids)], dm.tokenizer.pad_token_id, left=True)
+    return model, eos_ids_of(model, dm.tokenizer), dm.tokenizer.pad_token_id, ids, mask
+
+
+@pytest.fixture(scope="module")
+def built(toy):
+    """One engine for the module (a build costs seconds), with what its build did to the process."""
+    model = toy[0]
+    torch.manual_seed(123)
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    engine = VLLMEngine(kv_cache_gib=0.5)
+    engine.build(model, CPU)
+    return engine, {"rng_kept": torch.equal(rng, torch.get_rng_state()), "threads_kept": torch.get_num_threads() == threads,
+                    "set_num_threads_is_torch_own": getattr(torch.set_num_threads, "__module__", "").startswith("torch")}
+
+
+def _rollout(engine, model, toy, sampling, seed=0):
+    _, eos, pad_id, ids, mask = toy
+    with torch.no_grad(), seeded(seed, CPU):
+        return engine.generate(model, ids, mask, sampling, eos, pad_id)
+
+
+def _rows(r):
+    return [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+
+
+@needs_vllm
+def test_building_leaves_the_trainers_rng_and_threads_alone(built):
+    assert built[1] == {"rng_kept": True, "threads_kept": True, "set_num_threads_is_torch_own": True}
+
+
+@needs_vllm
+def test_greedy_tokens_equal_hf_generate(built, toy):
+    engine, model = built[0], toy[0]
+    engine.weights_updated()  # the other tests may have synced other weights
+    greedy = SamplingConfig(max_new_tokens=96, temperature=0.0)
+    got, want = _rollout(engine, model, toy, greedy), _rollout(HFGenerate(), model, toy, greedy)
+    assert _rows(got) == _rows(want)  # 8/8 rows, EOS and masks included
+    assert torch.equal(got.completion_mask, want.completion_mask)
+    assert got.completion_mask.sum(-1).min() < got.completion_mask.sum(-1).max()  # rows end at different steps
+
+
+@needs_vllm
+def test_sampled_logprobs_equal_a_teacher_forced_forward(built, toy):
+    from aropd.teachers import completion_hidden
+
+    engine, model = built[0], toy[0]
+    engine.weights_updated()
+    r = _rollout(engine, model, toy, SamplingConfig(max_new_tokens=64, temperature=1.0))
+    with torch.no_grad():
+        h = completion_hidden(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        lp = model.lm_head(h).log_softmax(-1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    m = r.completion_mask.bool()
+    gap = (lp - r.logprobs)[m].abs()
+    assert m.sum() > 100 and gap.max() < 1e-4, float(gap.max())
+    assert (r.logprobs[~m] == 0).all()
+
+
+@needs_vllm
+def test_a_seed_repeats_its_rollout_and_another_seed_does_not(built, toy):
+    engine, model = built[0], toy[0]
+    engine.weights_updated()
+    s = SamplingConfig(max_new_tokens=48, temperature=1.0)
+    a, b, c = (_rollout(engine, model, toy, s, seed) for seed in (7, 7, 8))
+    assert _rows(a) == _rows(b) and torch.equal(a.logprobs, b.logprobs)
+    assert sum(x != y for x, y in zip(_rows(a), _rows(c))) >= 6
+
+
+@needs_vllm
+def test_after_a_sync_the_engine_samples_the_updated_weights_and_a_stale_one_does_not(built, toy):
+    engine, model = built[0], toy[0]
+    greedy = SamplingConfig(max_new_tokens=48, temperature=0.0)
+    engine.weights_updated()
+    before = _rollout(engine, model, toy, greedy)  # synced to the original weights
+    changed = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(p.std() * torch.randn(p.shape, generator=g))
+    want = _rows(_rollout(HFGenerate(), changed, toy, greedy))
+    assert sum(x != y for x, y in zip(want, _rows(before))) >= 6  # the change changes greedy outputs
+    stale = _rows(_rollout(engine, changed, toy, greedy))  # no weights_updated(): the engine keeps its copy
+    engine.weights_updated()
+    synced = _rows(_rollout(engine, changed, toy, greedy))
+    assert synced == want  # 8/8
+    assert stale == _rows(before) and sum(x != y for x, y in zip(stale, want)) >= 6  # the negative control
+    assert len(engine.sync_seconds) >= 3
+    engine.weights_updated()  # back to the original weights at the next rollout
+
+
+@needs_vllm
+def test_bad_options_name_themselves_before_anything_is_built(toy):
+    with pytest.raises(ValueError, match="gpu_memory_utilization is a GPU option"):
+        VLLMEngine(gpu_memory_utilization=0.5)
+    with pytest.raises(ValueError, match="sleep is a GPU option"):
+        VLLMEngine(sleep=True)
+    with pytest.raises(ValueError, match="kv_cache_gib must be > 0"):
+        VLLMEngine(kv_cache_gib=0)
+    from aropd.models import load_causal_lm
+
+    tiny = load_causal_lm(str(ROOT / "aropd/assets/tiny-llama"), "float32")
+    engine = VLLMEngine()
+    with pytest.raises(ValueError, match="head_dim 16"):
+        engine.build(tiny, CPU)
+    assert engine.llm is None
+
+
+@needs_vllm
+def test_three_step_fit_with_the_engine_has_finite_losses_and_no_trainer_sampler_gap(tmp_path, monkeypatch):
+    """Generation windows of two micro-batches, one optimizer step each: a sync per window, on-policy."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aropd.cli import main
+
+    monkeypatch.chdir(ROOT)
+    cli = main([
+        "fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.accumulate_grad_batches", "2",
+        "--model.init_args.engine", "aropd.vllm_engine.VLLMEngine", "--model.init_args.max_new_tokens", "48",
+        "--model.init_args.importance_cap", "2.0",
+        "--data.init_args.batch_size", "4", "--data.init_args.generation_batch_size", "8",
+    ])
+    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    s = {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    assert len(s["train/loss"]) == 3 and all(torch.isfinite(torch.tensor(s["train/loss"])))
+    gaps = s["diag/rollout_logprob_gap"]
+    assert len(gaps) == 3 and max(gaps) < 1e-3, gaps
+    # One sync per window: at the build, then after each of the first two optimizer steps.
+    assert len(cli.model.engine.sync_seconds) == 3
