@@ -180,6 +180,15 @@ class VLLMEngine(RolloutEngine):
             kw["enable_sleep_mode"] = self.sleep
         else:
             kw["kv_cache_memory_bytes"] = int((self.kv_cache_gib or 1.0) * 2**30)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Data parallel: vLLM joins the trainer's process group as one engine per rank (its
+            # "external launcher" mode) rather than starting a world of its own, which would clash.
+            kw["distributed_executor_backend"] = "external_launcher"
+            for var, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
+                               ("LOCAL_RANK", os.environ.get("LOCAL_RANK", dist.get_rank()))):
+                os.environ.setdefault(var, str(value))
         self._config_dir = tempfile.TemporaryDirectory(prefix="aropd-vllm-")
         model.config.save_pretrained(self._config_dir.name)
         with _own_rng_and_threads():

@@ -146,8 +146,6 @@ def test_bad_options_name_themselves_before_anything_is_built(toy):
 @needs_vllm
 def test_three_step_fit_with_the_engine_has_finite_losses_and_no_trainer_sampler_gap(tmp_path, monkeypatch):
     """Generation windows of two micro-batches, one optimizer step each: a sync per window, on-policy."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from aropd.cli import main
 
     monkeypatch.chdir(ROOT)
@@ -158,11 +156,40 @@ def test_three_step_fit_with_the_engine_has_finite_losses_and_no_trainer_sampler
         "--model.init_args.importance_cap", "2.0",
         "--data.init_args.batch_size", "4", "--data.init_args.generation_batch_size", "8",
     ])
-    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    s = {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    s = _scalars(cli.trainer.log_dir)
     assert len(s["train/loss"]) == 3 and all(torch.isfinite(torch.tensor(s["train/loss"])))
     gaps = s["diag/rollout_logprob_gap"]
     assert len(gaps) == 3 and max(gaps) < 1e-3, gaps
     # One sync per window: at the build, then after each of the first two optimizer steps.
     assert len(cli.model.engine.sync_seconds) == 3
+
+
+def _scalars(log_dir) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_fsdp_two_processes_each_with_an_engine_synced_from_gathered_shards(tmp_path):
+    """FSDP2 over gloo, 2 ranks: each rank's engine joins the trainer's process group (vLLM's external
+    launcher mode) and is synced from parameters gathered shard by shard, in the same order on both."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "aropd", "fit", "--config", "configs/quickstart.yaml",
+           "--config", "configs/strategies/fsdp.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.limit_val_batches", "0", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+           "--model.init_args.engine", "aropd.vllm_engine.VLLMEngine",
+           "--model.init_args.engine.init_args.kv_cache_gib", "0.25",
+           "--model.init_args.max_new_tokens", "32", "--data.init_args.batch_size", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    s = _scalars(next(tmp_path.rglob("events.out.tfevents*")).parent)
+    assert len(s["train/loss"]) == 2 and all(torch.isfinite(torch.tensor(s["train/loss"])))
+    assert len(s["diag/rollout_logprob_gap"]) == 2 and max(s["diag/rollout_logprob_gap"]) < 1e-3
