@@ -147,6 +147,7 @@ class VLLMEngine(RolloutEngine):
         self.sleep, self.max_num_seqs = sleep, max_num_seqs
         self.llm = None
         self.stale = True
+        self.asleep = False
         self.sync_seconds: list[float] = []  # one entry per sync (the first is the build's)
 
     # ---- life cycle -----------------------------------------------------------------------------
@@ -180,6 +181,10 @@ class VLLMEngine(RolloutEngine):
             kw["enable_sleep_mode"] = self.sleep
         else:
             kw["kv_cache_memory_bytes"] = int((self.kv_cache_gib or 1.0) * 2**30)
+            # A prompt prefilled in chunks makes vLLM rewind the request's seeded generator, which the
+            # CPU generator cannot do ("CPU Generator does not use offset", 0.32): prefill whole prompts.
+            kw["enable_chunked_prefill"] = False
+            kw["max_num_batched_tokens"] = max(8192, getattr(model.config, "max_position_embeddings", 0) or 0)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -224,8 +229,9 @@ class VLLMEngine(RolloutEngine):
         device = prompt_ids.device
         if self.llm is None:
             self.build(model, device)
-        if self.sleep:
+        if self.asleep:
             self.llm.wake_up()
+            self.asleep = False
         if self.stale:
             with torch.no_grad():
                 self.sync(model)
@@ -236,8 +242,9 @@ class VLLMEngine(RolloutEngine):
         prompts = [TokensPrompt(prompt_token_ids=ids[m.bool()].tolist()) for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         params = [self._params(sampling, eos_ids, seed) for seed in seeds]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        if self.sleep:
+        if self.sleep:  # level 1: the weights wait in CPU memory, the KV cache is freed, for training's sake
             self.llm.sleep(level=1)
+            self.asleep = True
         width = max(1, max(len(o.outputs[0].token_ids) for o in outs))
         tokens = torch.full((n, width), pad_id, dtype=torch.long)
         lps = torch.zeros((n, width), dtype=torch.float32)

@@ -105,6 +105,25 @@ def test_a_seed_repeats_its_rollout_and_another_seed_does_not(built, toy):
 
 
 @needs_vllm
+def test_a_generation_batch_too_large_for_one_prefill_step_samples_with_its_seeds(built, toy):
+    """48 rows of 4 toy prompts end to end (~5k prompt tokens, more than one step's 4096 by default):
+    with chunked prefill vLLM's CPU build fails to rewind the seeded generators of rows cut mid-prompt."""
+    engine, model = built[0], toy[0]
+    _, eos, pad_id, ids, mask = toy
+    rows = [r[m.bool()].tolist() * 4 for r, m in zip(ids, mask)] * 6
+    from aropd.data import pad
+
+    big_ids, big_mask = pad(rows, pad_id, left=True)
+    assert big_mask.sum() > 4096
+    s = SamplingConfig(max_new_tokens=4, temperature=1.0)
+    with torch.no_grad(), seeded(3, CPU):
+        a = engine.generate(model, big_ids, big_mask, s, eos, pad_id)
+    with torch.no_grad(), seeded(3, CPU):
+        b = engine.generate(model, big_ids, big_mask, s, eos, pad_id)
+    assert a.completion_ids.shape[0] == 48 and torch.equal(a.completion_ids, b.completion_ids)
+
+
+@needs_vllm
 def test_after_a_sync_the_engine_samples_the_updated_weights_and_a_stale_one_does_not(built, toy):
     engine, model = built[0], toy[0]
     greedy = SamplingConfig(max_new_tokens=48, temperature=0.0)
