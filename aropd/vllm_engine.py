@@ -15,6 +15,9 @@ Why it is built this way (each point was a failure first):
 - Built lazily at the first rollout from the student's config (written to a temporary folder) with
   dummy weights, then synced from the student's parameters in memory: nothing is read twice from
   disk, and a student changed since it was loaded (a restore, another init) is what the engine holds.
+- Tied embeddings are untied in the engine's config and the shared tensor is sent under both names:
+  vLLM's CPU build packs the output layer's weight for its matmul at load, and a reload that sends only
+  the embedding (a tied model's checkpoint) leaves that packed copy as it was (garbage after a dummy load).
 - Weight sync is ``reload_weights`` with an iterator of ``(name, tensor)`` in the checkpoint's names,
   then ``reset_prefix_cache`` (cached prefixes were computed with the old weights). The model's own
   ``load_weights`` (TRL's colocate path) fails on the CPU backend, which repacks linear weights.
@@ -28,6 +31,7 @@ Why it is built this way (each point was a failure first):
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -79,14 +83,16 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (full_tensor() if full_tensor is not None else t).detach()
 
 
-def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_weights(model: torch.nn.Module, untie: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's parameters as ``(checkpoint name, tensor)``, one at a time, in a fixed order.
 
-    ``named_parameters`` lists a tied output layer once (under the embedding's name), which is what
-    vLLM expects of a model with ``tie_word_embeddings``.
+    ``named_parameters`` lists a tied output layer once, under the embedding's name; ``untie`` sends it
+    under its own name too (``lm_head.weight``), for an engine whose config unties the two.
     """
     for name, p in model.named_parameters():
         yield name, _full(p)
+    if untie:
+        yield "lm_head.weight", _full(model.get_output_embeddings().weight)
 
 
 class VLLMEngine(RolloutEngine):
@@ -148,6 +154,7 @@ class VLLMEngine(RolloutEngine):
         self.llm = None
         self.stale = True
         self.asleep = False
+        self.untie = False  # set at the build: a tied output layer is synced under its own name too
         self.sync_seconds: list[float] = []  # one entry per sync (the first is the build's)
 
     # ---- life cycle -----------------------------------------------------------------------------
@@ -195,7 +202,10 @@ class VLLMEngine(RolloutEngine):
                                ("LOCAL_RANK", os.environ.get("LOCAL_RANK", dist.get_rank()))):
                 os.environ.setdefault(var, str(value))
         self._config_dir = tempfile.TemporaryDirectory(prefix="aropd-vllm-")
-        model.config.save_pretrained(self._config_dir.name)
+        config = copy.deepcopy(model.config)
+        self.untie = bool(getattr(config, "tie_word_embeddings", False))
+        config.tie_word_embeddings = False  # see the module docstring: the output layer is synced on its own
+        config.save_pretrained(self._config_dir.name)
         with _own_rng_and_threads():
             self.llm = LLM(
                 model=self._config_dir.name,
@@ -215,7 +225,8 @@ class VLLMEngine(RolloutEngine):
         """Stream the student's parameters into the engine (a collective under FSDP2: every rank calls it)."""
         t0 = time.perf_counter()
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": checkpoint_weights(model), "is_checkpoint_format": True}
+            "reload_weights",
+            kwargs={"weights_iterator": checkpoint_weights(model, self.untie), "is_checkpoint_format": True},
         )
         self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
         self.stale = False

@@ -146,6 +146,29 @@ def test_after_a_sync_the_engine_samples_the_updated_weights_and_a_stale_one_doe
 
 
 @needs_vllm
+def test_tied_embeddings_sync_too(toy):
+    """A student whose output layer is its embedding (SmolLM2, Qwen2.5-0.5B): vLLM's CPU build packs the
+    output layer's weight once at load, and a reload that sends the embedding alone leaves that packed copy
+    stale; the engine unties the two in its own config and sends both."""
+    from transformers import LlamaForCausalLM
+
+    model, eos, pad_id, ids, mask = toy
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = True
+    tied = LlamaForCausalLM(config).eval()
+    tied.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    tied.tie_weights()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    engine = VLLMEngine(kv_cache_gib=0.25)
+    greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
+    assert _rows(_rollout(engine, tied, toy, greedy)) == _rows(_rollout(HFGenerate(), tied, toy, greedy))
+    with torch.no_grad():
+        tied.model.embed_tokens.weight.add_(tied.model.embed_tokens.weight.std() * torch.randn_like(tied.lm_head.weight))
+    engine.weights_updated()
+    assert _rows(_rollout(engine, tied, toy, greedy)) == _rows(_rollout(HFGenerate(), tied, toy, greedy))
+
+
+@needs_vllm
 def test_bad_options_name_themselves_before_anything_is_built(toy):
     with pytest.raises(ValueError, match="gpu_memory_utilization is a GPU option"):
         VLLMEngine(gpu_memory_utilization=0.5)
