@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from aropd.checkpointing import ResumableCheckpoint, is_sharded_checkpoint, unreadable_checkpoint_reason
 from aropd.data import PrivilegedDataModule
 from aropd.module import StudentModule
+from aropd.precheck import DEFAULT_CLASSES, LINKS
 
 # `--ckpt_path` values that Lightning resolves itself rather than naming a file.
 _SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
@@ -25,13 +25,9 @@ class AropdCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Subclass mode keeps `model.init_args.*` paths for sweeps; these defaults let a suite or
         # recipe config stand alone without naming the classes again.
-        parser.set_defaults({
-            "model": {"class_path": "aropd.module.PrivilegedDistillation"},
-            "data": {"class_path": "aropd.data.PrivilegedDataModule"},
-        })
-        # The data is tokenized for the student and cut to its rollout budget: these must stay equal.
-        parser.link_arguments("model.init_args.student", "data.init_args.tokenizer")
-        parser.link_arguments("model.init_args.max_new_tokens", "data.init_args.max_new_tokens")
+        parser.set_defaults({group: {"class_path": path} for group, path in DEFAULT_CLASSES.items()})
+        for source, target in LINKS:  # values that must stay equal
+            parser.link_arguments(source, target)
         parser.add_argument(
             "--cpu_threads", type=int | None, default=None,
             help="torch intra-op threads on CPU (null: torch's default). Tiny models decode fastest with 1: "
@@ -216,19 +212,7 @@ def main(args: list[str] | None = None) -> AropdCLI:
     return AropdCLI(StudentModule, PrivilegedDataModule, save_config_kwargs={"overwrite": True}, args=args, **CLI_KWARGS)
 
 
-def entry() -> None:
-    """Console-script entry point (``aropd``): like ``main``, but a bad config, path or record ends in
-    one line, ``aropd: error: <message>``, and exit status 2 (``AROPD_DEBUG=1``: the traceback)."""
-    try:
-        main()
-    except (ValueError, OSError, ImportError) as e:  # FileNotFoundError is an OSError
-        if os.environ.get("AROPD_DEBUG", "") not in ("", "0"):
-            raise
-        message = " ".join(str(e).split("\n")) or type(e).__name__
-        print("aropd: (AROPD_DEBUG=1 shows the traceback)", file=sys.stderr)
-        print(f"aropd: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
+    from aropd.console import entry
+
     entry()
