@@ -158,7 +158,9 @@ def shard_module(module) -> bool:
     if options.activation_checkpointing:
         module.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_causal_lm(module.student, mesh, options)
-    if module.teacher_model is not None:
+    # A teacher with weights of its own; a LoRA student's frozen or EMA teacher runs on the student's
+    # (sharded) weights and has none (aropd.lora.AdapterTeacher).
+    if module.teacher_model is not None and any(True for _ in module.teacher_model.parameters()):
         shard_causal_lm(module.teacher_model, mesh, options)
     return True
 
