@@ -65,12 +65,17 @@ def test_bad_lora_options_raise_naming_them_before_any_weight_is_loaded(tiny_pat
 
 
 # ---- training -----------------------------------------------------------------------------------
-def test_only_the_student_adapter_gets_gradients_and_the_optimizer(tiny_path, batch):
-    m = PrivilegedDistillation(student=tiny_path, lora=SMALL, max_new_tokens=8)  # EMA teacher (default)
+@pytest.mark.parametrize("method, checkpointing", [("ar_opd", False), ("ar_opd", True), ("sft", True)])
+def test_only_the_student_adapter_gets_gradients_and_the_optimizer(tiny_path, batch, method, checkpointing):
+    from aropd.sft import SupervisedFineTuning
+
+    cls = SupervisedFineTuning if method == "sft" else PrivilegedDistillation
+    m = cls(student=tiny_path, lora=SMALL, max_new_tokens=8, gradient_checkpointing=checkpointing)  # EMA teacher
     m.configure_model()
-    assert list(m.teacher_model.parameters()) == []  # no second copy of the model
+    teacher = getattr(m, "teacher_model", None)  # SFT has none
+    assert teacher is None or list(teacher.parameters()) == []  # no second copy of the model
     out = m.training_step(batch, 0)
-    out["loss"].backward()
+    (out["loss"] if isinstance(out, dict) else out).backward()
     student_adapter = {n for n, _ in m.student.named_parameters() if is_adapter_key(n) and f".{STUDENT_ADAPTER}." in n}
     with_grad = {n for n, p in m.student.named_parameters() if p.grad is not None}
     assert with_grad == student_adapter and len(student_adapter) == 2 * 7 * 2  # A and B × 7 projections × 2 layers
