@@ -165,7 +165,7 @@ class AdapterTeacher(nn.Module):
         super().__init__()
         self._student = (student,)  # in a tuple: not a submodule
         self.adapter = adapter
-        if adapter is not None and adapter not in adapter_layers(student)[0]._get_available_adapters():
+        if adapter is not None and adapter not in student.peft_config:
             self._copy_student_adapter(adapter)
 
     def _copy_student_adapter(self, name: str) -> None:
