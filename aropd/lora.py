@@ -225,6 +225,32 @@ def restore_base_weights(state_dict: dict[str, Any], module: nn.Module, prefix: 
             state_dict[k] = v
 
 
+def load_sharded_adapters(module: nn.Module, optimizers: list, path: Path, weights_only: bool | None = None) -> dict[str, Any]:
+    """Restore a sharded LoRA checkpoint (adapters, optimizer state) into the FSDP2-sharded ``module``;
+    returns the rest of the checkpoint (loop state, callbacks, hyperparameters).
+
+    As Lightning's ``ModelParallelStrategy.load_checkpoint``, but asking ``torch.distributed.checkpoint``
+    for the adapter keys only: the checkpoint has no frozen base, which ``configure_model`` just loaded,
+    and DCP fails on any key it is asked for and does not hold. Every adapter key must be there.
+    """
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    state = {k: v for k, v in get_model_state_dict(module).items() if is_adapter_key(k)}
+    load({"state_dict": state}, checkpoint_id=path)
+    module.load_state_dict(state, strict=False)  # the base keys are not in `state`: they stay as loaded
+    for i, optimizer in enumerate(optimizers):
+        key = f"optimizer_{i}"
+        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+        load(optimizer_state, checkpoint_id=path)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key],
+                                 options=StateDictOptions(cpu_offload=True))
+    return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+
 # ---- export ---------------------------------------------------------------------------------------
 def merge_adapter(model: nn.Module, adapter: str = STUDENT_ADAPTER) -> nn.Module:
     """Fold ``adapter`` into the base weights and take every adapter out: a plain transformers model."""

@@ -127,11 +127,14 @@ class StudentModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A LoRA run's base weights are frozen and loaded again from `student`: the checkpoint keeps the
-        # adapters. A sharded (FSDP2) checkpoint keeps them all: torch.distributed.checkpoint loads
-        # every key the model has, so a checkpoint without the base would not load there.
+        # adapters (a sharded one too: FSDP2Strategy.load_checkpoint asks for the adapter keys only).
+        # A full-state file written under FSDP2 (save_distributed_checkpoint: false) keeps the base:
+        # Lightning loads that one strictly, broadcasting it from rank 0.
         from aropd.sharding import is_sharded
 
-        if self.lora is not None and not is_sharded(self.student):
+        full_state_under_fsdp = is_sharded(self.student) and not getattr(
+            self.trainer.strategy, "_save_distributed_checkpoint", True)
+        if self.lora is not None and not full_state_under_fsdp:
             from aropd.lora import drop_base_weights
 
             drop_base_weights(checkpoint["state_dict"])

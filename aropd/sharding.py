@@ -224,6 +224,18 @@ class FSDP2Strategy(ModelParallelStrategy):
             publish(staging, path)
         self.barrier()
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """A LoRA run's sharded checkpoint holds the adapters without the frozen base: load those keys
+        (``aropd.lora.load_sharded_adapters``); anything else loads as Lightning loads it."""
+        from aropd.checkpointing import is_sharded_checkpoint
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if getattr(self.lightning_module, "lora", None) is None or not is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from aropd.lora import load_sharded_adapters
+
+        return load_sharded_adapters(self.model, self.optimizers, path, weights_only)
+
     def remove_checkpoint(self, filepath) -> None:
         from aropd.checkpointing import remove
 

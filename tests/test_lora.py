@@ -219,28 +219,38 @@ def test_lora_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_los
 
 
 @pytest.mark.slow
-def test_lora_fsdp_two_processes_match_one_process(tmp_path):
+def test_lora_fsdp_two_processes_match_one_process_through_a_kill_and_resume(tmp_path):
     """A LoRA student with its EMA adapter teacher on the sharded strategy, 2 processes × batch 4 vs 1
-    process × batch 8, greedy rollouts: the same per-step losses to 1e-6; the sharded checkpoint exports."""
-    greedy = ("--model.init_args.sampling.temperature", "0", "--trainer.max_steps", "3", *LORA_RUN)
+    process × batch 8, greedy rollouts; the 2-process run is SIGKILLed after its step-2 checkpoint (a
+    sharded folder holding the adapters only) and resumed: the same per-step losses to 1e-6."""
+    greedy = ("--model.init_args.sampling.temperature", "0", "--trainer.max_steps", "4", *LORA_RUN)
+    sharded = ("--data.init_args.batch_size", "4", "--config", "configs/strategies/fsdp.yaml",
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2")
     one, two = tmp_path / "one", tmp_path / "two"
     p1 = start(fit_cmd(one, *greedy, "--data.init_args.batch_size", "8"))
-    p2 = start(fit_cmd(two, *greedy, "--data.init_args.batch_size", "4", "--config", "configs/strategies/fsdp.yaml",
-                       "--trainer.accelerator", "cpu", "--trainer.devices", "2"))
-    finish(p1)
-    finish(p2)
-    l1, l2 = read_losses(one / "rec"), read_losses(two / "rec")
-    assert sorted(l1) == sorted(l2) == [1, 2, 3]
-    diffs = [abs(global_loss(l2[s]) - l1[s][0][0]) for s in l1]
-    print("LoRA: per-step |loss(2 procs) - loss(1 proc)|:", diffs)
-    assert max(diffs) <= 1e-6, diffs
-    assert len({l1[s][0][0] for s in l1}) == 3
-    # The sharded checkpoint's adapters are the one-process run's, and aropd-merge reads the folder.
+    p2 = start(fit_cmd(two, *greedy, *sharded, "--trainer.callbacks+=run_recorders.StallAfterStep",
+                       "--trainer.callbacks.step", "2", "--trainer.callbacks.marker", str(tmp_path / "killed")))
+    kill_when(p2, tmp_path / "killed")
     from aropd.lora import checkpoint_contents
 
-    sharded, full = checkpoint_contents(two / "checkpoints" / "last.ckpt"), checkpoint_contents(one / "checkpoints" / "last.ckpt")
-    wdiff = max((sharded["state_dict"][k] - v).abs().max().item() for k, v in full["state_dict"].items())
-    print("LoRA: max |adapter(2 procs) - adapter(1 proc)| after 3 steps:", wdiff)
+    ckpt = two / "checkpoints" / "last.ckpt"
+    at_kill = checkpoint_contents(ckpt)
+    assert ckpt.is_symlink() and at_kill["global_step"] == 2
+    assert at_kill["state_dict"] and all(is_adapter_key(k) for k in at_kill["state_dict"])  # no frozen base
+    finish(start(fit_cmd(two, *greedy, *sharded, "--ckpt_path", "last")))
+    finish(p1)
+    l1, l2 = read_losses(one / "rec"), read_losses(two / "rec")
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    assert all(sorted(l2[s]) == [0, 1] for s in l2)  # both ranks, each step once: resumed at step 3
+    diffs = [abs(global_loss(l2[s]) - l1[s][0][0]) for s in l1]
+    print("LoRA: per-step |loss(2 procs, killed + resumed) - loss(1 proc)|:", diffs)
+    assert max(diffs) <= 1e-6, diffs
+    assert len({l1[s][0][0] for s in l1}) == 4
+    # The sharded checkpoint's adapters are the one-process run's, and aropd-merge reads the folder.
+    final, full = checkpoint_contents(ckpt), checkpoint_contents(one / "checkpoints" / "last.ckpt")
+    assert set(final["state_dict"]) == set(full["state_dict"])
+    wdiff = max((final["state_dict"][k] - v).abs().max().item() for k, v in full["state_dict"].items())
+    print("LoRA: max |adapter(2 procs) - adapter(1 proc)| after 4 steps:", wdiff)
     assert wdiff <= 1e-5
-    merged = export_merged(two / "checkpoints" / "last.ckpt", tmp_path / "merged")
+    merged = export_merged(ckpt, tmp_path / "merged")
     assert (merged / "config.json").is_file()
