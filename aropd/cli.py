@@ -87,6 +87,7 @@ class AropdCLI(LightningCLI):
         if path is not None and not is_sharded_checkpoint(path):
             ckpt = _read_checkpoint(path)
             _check_method(ckpt, path, type(self.model))
+            _check_lora(ckpt, path, self.model.hparams.get("lora"))
             _check_student_shapes(ckpt, path, self.model.hparams.get("student"))
         if self.datamodule is not None:
             self.datamodule.setup(stage)
@@ -160,9 +161,31 @@ def _check_method(ckpt: dict[str, Any], path, configured: type) -> None:
         )
 
 
+def _check_lora(ckpt: dict[str, Any], path, configured: Any) -> None:
+    """A LoRA checkpoint needs the LoRA options to load (its adapters have no place otherwise), and the
+    other way round; the adapters' shapes are then compared by Lightning's strict load."""
+    from aropd.lora import is_adapter_key
+
+    adapted = any(is_adapter_key(k) for k in ckpt["state_dict"])
+    if adapted and configured is None:
+        raise ValueError(f"--ckpt_path {path} holds a LoRA adapter, but the config trains no adapter: "
+                         "compose the LoRA options it was trained with (e.g. --config configs/peft/lora.yaml), "
+                         "or export the merged model with `aropd-merge` and validate that")
+    if configured is not None and not adapted:
+        raise ValueError(f"--ckpt_path {path} holds no LoRA adapter, but the config sets model.init_args.lora: "
+                         "drop the LoRA options to load a fully fine-tuned checkpoint")
+
+
 def _check_student_shapes(ckpt: dict[str, Any], path, student: str | None) -> None:
-    """The checkpoint's student weights must fit the configured student, name for name, shape for shape."""
-    saved = {k[len("student."):]: tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    """The checkpoint's student weights must fit the configured student, name for name, shape for shape.
+
+    Adapter weights are left out; a LoRA checkpoint without its frozen base (unsharded) has nothing to compare.
+    """
+    from aropd.lora import is_adapter_key
+
+    # (peft keeps an adapted layer's own weight as `<layer>.base_layer.weight`)
+    saved = {k[len("student."):].replace(".base_layer.", "."): tuple(v.shape) for k, v in ckpt["state_dict"].items()
+             if k.startswith("student.") and not is_adapter_key(k)}
     if not saved or not student:
         return
     try:
@@ -186,15 +209,9 @@ def _check_student_shapes(ckpt: dict[str, Any], path, student: str | None) -> No
 
 def _causal_lm_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of ``name``'s architecture, built on the meta device (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from aropd.models import meta_causal_lm
 
-    from aropd.models import _split_gguf
-
-    path, gguf = _split_gguf(name)
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_causal_lm(name).state_dict().items()}
 
 
 # How every aropd command line is parsed (``aropd`` and ``aropd-prompts``).

@@ -178,10 +178,22 @@ def expected_settings(argv: list[str]) -> dict[str, object]:
         out.update({"model.init_args.target.init_args.lam": 0.8, "model.init_args.target.init_args.clip": 5.0})
     if "configs/models/tiny-llama.yaml" in configs:
         out["model.init_args.student"] = "aropd/assets/tiny-llama"
+    for c in configs:  # a variant composed after the recipe (configs/peft/) changes what it sets, as a flag would
+        if c.startswith("configs/peft/"):
+            for key in flat_keys(yaml.safe_load((ROOT / c).read_text())):
+                out = {k: v for k, v in out.items() if k != key and not k.startswith(key + ".")}
     for key, value in overrides(argv).items():
         out = {k: v for k, v in out.items() if k != key and not k.startswith(key + ".")}  # --trainer.strategy auto
         if not isinstance(value, (list, dict)):  # a given list or mapping gains its defaults when resolved
             out[key] = value
+    return out
+
+
+def flat_keys(cfg: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a config's leaves (a mapping's leaves; a list or scalar is one leaf)."""
+    out = []
+    for k, v in cfg.items():
+        out += flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
     return out
 
 
