@@ -22,7 +22,8 @@ the 20-90-step problems all fail: labels past #32 never occur in training); KL(q
 and then falls to 0.06 as the units digits and the copies are learnt; accuracy rises with it (0% at
 step 350, 44% at 500, 84% on short val problems at step 600 of an 800-step run), so ``steps`` is
 the knob that places the base in the 20-60% band. The full view does not beat the student on the
-reference trace (its NLL is higher): copying the example trace needs an induction head, which this
+reference trace (its NLL is higher, 0.22 against 0.076 nats on the tokens the partial view hides:
+``copy_nll_ratio_hidden`` 2.9): copying the example trace needs an induction head, which this
 budget does not grow, so the two views differ by what they condition on, not by copying.
 """
 
@@ -45,6 +46,7 @@ from aropd.buckets import bucket_index, bucket_names
 from aropd.data import PrivilegedExample, build_example, pad
 from aropd.divergences import forward_kl
 from aropd.models import train_tiny_tokenizer
+from aropd.paths import resolve
 from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
 from aropd.views import Budgets, PromptTemplate, partial_view
 
@@ -279,14 +281,25 @@ def _response_logprobs(model: Any, seqs: list[list[int]], starts: list[int], pad
 def view_divergence(
     model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], ratio: float, batch_size: int = 8
 ) -> dict[str, float]:
-    """Mean per-token KL(q_full || q_partial) (``aropd.divergences.forward_kl``) on the reference responses.
+    """How the teacher views read the reference traces of ``problems``: the copy figures.
 
-    Also split into response tokens that the partial view shows (the kept reasoning) and those it
-    hides, and the reference-token NLL of each view and of the student prompt.
+    Per response token (the reference trace + EOS after each prompt), split into the tokens the
+    partial view hides (the reasoning past its cut) and all others ("shown": the kept reasoning, the
+    tags, the answer, EOS):
+
+    * ``kl_full_partial_*``: mean KL(q_full || q_partial) (``aropd.divergences.forward_kl``) over all,
+      hidden and shown tokens;
+    * ``nll_<view>_*``: mean NLL of the reference token under the student prompt and each view, over
+      all, hidden and shown tokens;
+    * ``copy_nll_ratio_hidden``: ``nll_full_hidden_tokens / nll_student_hidden_tokens``. A full view
+      that copies the trace it sees predicts the hidden tokens far better than the question alone
+      does (ratio well below 1); one that does not copy sits near or above 1;
+    * ``kl_hidden_to_shown_ratio``: ``kl_full_partial_hidden_tokens / kl_full_partial_shown_tokens``:
+      how much more the two views disagree where only the full view has the trace.
     """
     model.eval()
-    kl_all, kl_shown, kl_hidden, n_shown, n_hidden, nll = 0.0, 0.0, 0.0, 0, 0, {v: 0.0 for v in VIEWS}
-    n_tok = 0
+    sums: dict[str, float] = {}
+    counts = {"all": 0, "hidden": 0, "shown": 0}
     open_tag = template.trace.split("{reasoning}")[0]
     for s in range(0, len(problems), batch_size):
         chunk = problems[s : s + batch_size]
@@ -298,27 +311,30 @@ def view_divergence(
             lp[v] = _response_logprobs(model, seqs, [len(p) for p in prompts], tok.pad_token_id)
         for j, (p, e) in enumerate(zip(chunk, exs)):
             target = torch.tensor(e.reference)
-            for v in VIEWS:
-                nll[v] += -lp[v][j].gather(-1, target[:, None]).sum().item()
-            kl = forward_kl(lp["full"][j], lp["partial"][j])
+            per_token = {f"nll_{v}": -lp[v][j].gather(-1, target[:, None])[:, 0] for v in VIEWS}
+            per_token["kl_full_partial"] = forward_kl(lp["full"][j], lp["partial"][j])
             trace = template.format_trace(p["reasoning"], p["answer"])
             offsets = tok(trace, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             cut = len(open_tag) + len(partial_view(p["reasoning"], ratio))
             hidden = torch.tensor([cut <= a < len(open_tag) + len(p["reasoning"]) for a, _ in offsets] + [False])
-            kl_all += kl.sum().item()
-            kl_hidden += kl[hidden].sum().item()
-            kl_shown += kl[~hidden].sum().item()
-            n_hidden += int(hidden.sum())
-            n_shown += int((~hidden).sum())
-            n_tok += len(e.reference)
-    return {
-        "kl_full_partial_per_token": kl_all / n_tok,
-        "kl_full_partial_hidden_tokens": kl_hidden / max(n_hidden, 1),
-        "kl_full_partial_shown_tokens": kl_shown / max(n_shown, 1),
-        "hidden_token_fraction": n_hidden / n_tok,
-        **{f"nll_{v}_per_token": nll[v] / n_tok for v in VIEWS},
-        "tokens": n_tok,
+            for part, mask in (("all", torch.ones_like(hidden)), ("hidden", hidden), ("shown", ~hidden)):
+                counts[part] += int(mask.sum())
+                for name, values in per_token.items():
+                    sums[f"{name}_{part}"] = sums.get(f"{name}_{part}", 0.0) + values[mask].sum().item()
+    mean = {k: v / max(counts[k.rsplit("_", 1)[1]], 1) for k, v in sums.items()}
+    # The names of the first version of this report (the committed base's pretrain.json) are kept.
+    out = {
+        "kl_full_partial_per_token": mean["kl_full_partial_all"],
+        "kl_full_partial_hidden_tokens": mean["kl_full_partial_hidden"],
+        "kl_full_partial_shown_tokens": mean["kl_full_partial_shown"],
+        "hidden_token_fraction": counts["hidden"] / counts["all"],
+        **{f"nll_{v}_per_token": mean[f"nll_{v}_all"] for v in VIEWS},
+        "tokens": counts["all"],
     }
+    out.update({f"nll_{v}_{part}_tokens": mean[f"nll_{v}_{part}"] for part in ("hidden", "shown") for v in VIEWS})
+    out["copy_nll_ratio_hidden"] = out["nll_full_hidden_tokens"] / max(out["nll_student_hidden_tokens"], 1e-12)
+    out["kl_hidden_to_shown_ratio"] = out["kl_full_partial_hidden_tokens"] / max(out["kl_full_partial_shown_tokens"], 1e-12)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -435,3 +451,25 @@ def pretrain(args: PretrainArgs) -> Result:
         flush=True,
     )
     return Result(model, tok, report)
+
+
+def record_views(out: str | Path, threads: int = 2) -> dict[str, float]:
+    """Recompute :func:`view_divergence` for the model in ``out`` and write it as ``views`` into its
+    ``pretrain.json``; the figures are returned.
+
+    For a base pretrained before a figure was added: its recorded ``args`` (``splits``, ``kl_limit``,
+    ``partial_ratio``) choose the same problems the run measured, and nothing else in the report or
+    the model changes.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    report = json.loads((out / "pretrain.json").read_text())
+    a = report["args"]
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    problems = read_split(Path(resolve(a["splits"])) / "test.jsonl")[: a["kl_limit"] or None]
+    report["views"] = view_divergence(model, tok, TOY_TEMPLATE, problems, a["partial_ratio"])
+    (out / "pretrain.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report["views"]
+
