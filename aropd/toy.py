@@ -184,6 +184,13 @@ def make_split(
     return out
 
 
+# How the committed splits are drawn (scripts/make_quickstart_assets.py): train problems have 2-8
+# steps (~35-105 response tokens, for CPU rollout budgets); val and test add one problem in eight
+# with 20-90 steps (~230-1,000 tokens), so the long-rollout length buckets are not empty.
+TRAIN_SPLIT: dict = {"min_steps": 2, "max_steps": 8}
+EVAL_SPLIT: dict = {**TRAIN_SPLIT, "long_frac": 0.125, "long_steps": (20, 90)}
+
+
 def read_split(path: str | Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

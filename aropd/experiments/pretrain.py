@@ -51,6 +51,7 @@ from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
 from aropd.views import Budgets, PromptTemplate, partial_view
 
 VIEWS = ("student", "full", "partial")  # the prompt fields of aropd.data.PrivilegedExample
+POOL = 256  # examples drawn at a time and sorted by length into batches (:func:`batches`)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
@@ -192,6 +193,21 @@ class ProblemStream:
             p = make_problem(self.rng, self.rng.randint(lo, hi))
             if p["question"] not in self.exclude:
                 yield p
+
+
+def seen_questions(report: dict[str, Any]) -> set[str]:
+    """Every question that the pretraining run of ``report`` (its ``pretrain.json``) can have trained on.
+
+    Its problem stream replayed from the recorded args: the tokenizer's problems, then one per
+    example seen, plus two pools of look-ahead (a batch pool is drawn whole before it is used), so
+    the set holds all the run drew and a few hundred more. A new evaluation split that excludes it
+    holds no problem the base model was trained on.
+    """
+    a = report["args"]
+    splits = [read_split(Path(resolve(a["splits"])) / f"{s}.jsonl") for s in ("train", "val", "test")]
+    exclude = {r["question"] for rows in splits for r in rows}
+    stream = iter(ProblemStream(a["seed"], a["min_steps"], a["max_steps"], a["long_frac"], tuple(a["long_steps"]), exclude))
+    return {next(stream)["question"] for _ in range(a["tokenizer_problems"] + report["examples_seen"] + 2 * POOL)}
 
 
 def batches(examples: Iterator[tuple[list[int], list[int]]], rng: random.Random, max_tokens: int, pool: int):
@@ -368,7 +384,7 @@ def pretrain(args: PretrainArgs) -> Result:
             view = data_rng.choices(VIEWS, weights=args.mix)[0]
             yield encode(tok, template, prob, view, args.partial_ratio)
 
-    batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=256)
+    batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=POOL)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
