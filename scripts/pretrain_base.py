@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
     g.add_argument("--long-steps", type=int, nargs=2, default=d.long_steps)
     g.add_argument("--mix", type=float, nargs=3, default=d.mix, metavar=("STUDENT", "FULL", "PARTIAL"))
     g.add_argument("--partial-ratio", type=float, default=d.partial_ratio)
+    g.add_argument("--copy-frac", type=float, default=d.copy_frac,
+                   help="share of examples that teach the full view to copy a trace with random results")
+    g.add_argument("--init", default=d.init, help="continue from this pretrained model folder (default: from scratch)")
     g.add_argument("--tokenizer-problems", type=int, default=d.tokenizer_problems)
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=d.steps)

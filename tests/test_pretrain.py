@@ -175,6 +175,29 @@ def test_copy_figures_match_a_naive_per_position_loop(tiny_run):
         (sums[("kl", "hidden")] / n["hidden"]) / (sums[("kl", "shown")] / n["shown"]), rel=1e-4)
 
 
+def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
+    """copy_frac 0 is the plain run (bit for bit, as the committed base needs); copy_frac > 0 changes the
+    data; init continues from a saved model with its tokenizer."""
+    root, _ = tiny_run
+    short = {**TINY, "steps": 4, "eval_limit": 2, "kl_limit": 2, "splits": str(root / "toy")}
+
+    def weights(out, **kw):
+        pb.pretrain(PretrainArgs(**{**short, **kw}, out=str(out), seed=3))
+        return (out / "model.safetensors").read_bytes()
+
+    plain = weights(tmp_path / "a")
+    assert weights(tmp_path / "b", copy_frac=0.0) == plain
+    assert weights(tmp_path / "c", copy_frac=0.5) != plain
+    cont = weights(tmp_path / "d", init=str(root / "model"))
+    assert cont != plain
+    report = json.loads((tmp_path / "d" / "pretrain.json").read_text())
+    assert report["args"]["init"] == str(root / "model") and report["params"] == tiny_run[1].report["params"]
+    # the continued run's seen problems include those of the run it started from
+    assert pb.seen_questions(tiny_run[1].report) <= pb.seen_questions(report)
+    with pytest.raises(ValueError, match="copy_frac must be in"):
+        pb.pretrain(PretrainArgs(**short, out=str(tmp_path / "e"), copy_frac=1.0))
+
+
 def test_extract_answer():
     assert pb.extract_answer("<reasoning>#1 1+2=3.</reasoning><answer>3</answer>") == 3
     assert pb.extract_answer("<answer> 07 </answer>") == 7

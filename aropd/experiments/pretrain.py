@@ -47,7 +47,7 @@ from aropd.data import PrivilegedExample, build_example, pad
 from aropd.divergences import forward_kl
 from aropd.models import train_tiny_tokenizer
 from aropd.paths import resolve
-from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
+from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split, scramble
 from aropd.views import Budgets, PromptTemplate, partial_view
 
 VIEWS = ("student", "full", "partial")  # the prompt fields of aropd.data.PrivilegedExample
@@ -89,6 +89,14 @@ class PretrainArgs:
     """Step range of the long share."""
     mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
     """Weights of the student, full-view and partial-view formats."""
+    copy_frac: float = 0.0
+    """Share of training examples that teach the full view to copy (a copy curriculum): a full-view
+    prompt whose example trace has random results (``aropd.toy.scramble``: the layout kept, the
+    arithmetic not), with that trace + EOS as the target, so only copying the example predicts it;
+    the rest follow ``mix``. 0: none (the committed base). In [0, 1)."""
+    init: str | None = None
+    """A pretrained model folder (with its tokenizer) to continue from; None: a fresh model and
+    tokenizer. ``seen_questions`` then also covers the problems of the run that made ``init``."""
     partial_ratio: float = 0.5
     """Fraction of the reasoning the partial view shows."""
     tokenizer_problems: int = 2000
@@ -207,7 +215,10 @@ def seen_questions(report: dict[str, Any]) -> set[str]:
     splits = [read_split(Path(resolve(a["splits"])) / f"{s}.jsonl") for s in ("train", "val", "test")]
     exclude = {r["question"] for rows in splits for r in rows}
     stream = iter(ProblemStream(a["seed"], a["min_steps"], a["max_steps"], a["long_frac"], tuple(a["long_steps"]), exclude))
-    return {next(stream)["question"] for _ in range(a["tokenizer_problems"] + report["examples_seen"] + 2 * POOL)}
+    seen = {next(stream)["question"] for _ in range(a["tokenizer_problems"] + report["examples_seen"] + 2 * POOL)}
+    if a.get("init"):  # a continued run: the problems of the run that made its starting point too
+        seen |= seen_questions(json.loads((Path(resolve(a["init"])) / "pretrain.json").read_text()))
+    return seen
 
 
 def batches(examples: Iterator[tuple[list[int], list[int]]], rng: random.Random, max_tokens: int, pool: int):
@@ -358,6 +369,8 @@ def view_divergence(
 
 def pretrain(args: PretrainArgs) -> Result:
     """Train, evaluate and save the model, its tokenizer and ``pretrain.json`` in ``args.out``."""
+    if not 0.0 <= args.copy_frac < 1.0:
+        raise ValueError(f"copy_frac must be in [0, 1), got {args.copy_frac}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -372,8 +385,13 @@ def pretrain(args: PretrainArgs) -> Result:
     texts = [template.system, template.teacher_user] + [
         p["question"] + "\n" + template.format_trace(p["reasoning"], p["answer"]) for p in corpus_problems
     ]
-    tok = train_toy_tokenizer(texts, args.vocab_size)
-    model = build_model(tok, args)
+    if args.init is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok, model = AutoTokenizer.from_pretrained(args.init), AutoModelForCausalLM.from_pretrained(args.init)
+    else:
+        tok = train_toy_tokenizer(texts, args.vocab_size)
+        model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params, vocab {len(tok)}", flush=True)
 
@@ -381,6 +399,10 @@ def pretrain(args: PretrainArgs) -> Result:
 
     def examples():
         for prob in stream:
+            # (no draw at copy_frac 0: the committed base's example stream is unchanged)
+            if args.copy_frac and data_rng.random() < args.copy_frac:
+                yield encode(tok, template, scramble(prob, data_rng), "full", args.partial_ratio)
+                continue
             view = data_rng.choices(VIEWS, weights=args.mix)[0]
             yield encode(tok, template, prob, view, args.partial_ratio)
 
