@@ -25,6 +25,12 @@ the knob that places the base in the 20-60% band. The full view does not beat th
 reference trace (its NLL is higher, 0.22 against 0.076 nats on the tokens the partial view hides:
 ``copy_nll_ratio_hidden`` 2.9): copying the example trace needs an induction head, which this
 budget does not grow, so the two views differ by what they condition on, not by copying.
+
+Two options, off by default, aim at a full view that copies: ``copy_frac`` (a copy curriculum:
+full-view examples whose shown trace has random results, so only copying predicts them) and
+``init`` (continue from a pretrained folder). :func:`view_divergence` measures the outcome (the copy
+figures, ``copy_nll_ratio_hidden`` and ``kl_hidden_to_shown_ratio``); docs/cpu_study.md has a
+short prototype's numbers.
 """
 
 from __future__ import annotations
