@@ -249,7 +249,8 @@ class PrivilegedDataModule(L.LightningDataModule):
         for src, rows in rows_by_source:  # every source checked before any tokenization
             check_records(rows, self.fields, src)
         f = self.fields
-        records = [tuple(str(row[k]) for k in (f.question, f.reasoning, f.answer)) for _, rows in rows_by_source for row in rows]
+        records = [tuple(str(row[k]) for k in (f.question, f.reasoning, f.answer))
+                   for _, rows in rows_by_source for row in rows]
         donors = list(range(len(records)))
         if self.teacher_trace == "shuffled":
             if len(records) < 2:
