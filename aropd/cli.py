@@ -90,6 +90,12 @@ class AropdCLI(LightningCLI):
             _check_lora(ckpt, path, self.model.hparams.get("lora"))
             _check_student_shapes(ckpt, path, self.model.hparams.get("student"))
         if self.datamodule is not None:
+            from aropd.sft import SupervisedFineTuning
+
+            trace = getattr(self.datamodule, "teacher_trace", "reference")
+            if stage == "fit" and trace != "reference" and isinstance(self.model, SupervisedFineTuning):
+                # SFT never reads the teacher views, so the control would silently do nothing
+                raise ValueError(f"data.init_args.teacher_trace {trace!r} does nothing with SFT (it has no teacher)")
             self.datamodule.setup(stage)
 
     def _resolve_ckpt_path(self, ckpt_path: Any) -> str | None:
