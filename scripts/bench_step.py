@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=ALL_METHODS, help="(with --vs-trl: ar_opd full_opd)")
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, help="(with --vs-trl, OPD methods only; default there: ar_opd full_opd)")
     p.add_argument("--model-args", default="", help="JSON of extra PrivilegedDistillation args")
     p.add_argument("--diagnostics", action="store_true", help="diagnostics on vs. off (ar_opd); see the docstring")
     p.add_argument("--repeats", type=int, default=3, help="off/on run pairs with --diagnostics")
@@ -268,7 +268,7 @@ def vs_trl(pairs: int, steps: int, methods: list[str]) -> list[dict]:
 
     Both train the same seeded 5.0M-parameter Llama (vocabulary 8,192) that ``scripts/peer/build_tiny.py``
     builds, batch 8, 128 new tokens at temperature 1, top-p 1, top-k 0, fp32, forward KL over the full
-    vocabulary, a frozen teacher, AdamW lr 1e-5, gradient clipping 1.0, one torch thread, no
+    vocabulary, a frozen teacher, fused AdamW lr 1e-5, gradient clipping 1.0, one torch thread, no
     validation, checkpoints or diagnostics. TRL runs ``scripts/peer/run_opd.py --trainer sdft`` (one
     teacher view: the prompt with the privileged context); aropd runs each of ``methods`` with
     ``LeanDecode``: ``ar_opd`` scores two teacher views (full and partial) and builds its target from
