@@ -18,7 +18,7 @@ from aropd.lora import LoRA
 from aropd.loss import Probes, distillation_loss
 from aropd.metrics import BucketAccuracy
 from aropd.models import load_causal_lm, load_tokenizer
-from aropd.rollout import HFGenerate, RolloutBuffer, RolloutEngine, Sampling, SamplingConfig, eos_ids_of, run_seed, seeded
+from aropd.rollout import LeanDecode, RolloutBuffer, RolloutEngine, Sampling, SamplingConfig, eos_ids_of, run_seed, seeded
 from aropd.targets import AnchoredResidual, Target
 from aropd.teachers import EMATeacher, Teacher, completion_hidden, score_views
 from aropd.types import PrivilegedBatch, PromptBatch, Rollout, StepRecord
@@ -54,7 +54,7 @@ class StudentModule(L.LightningModule):
             gradient_checkpointing: Recompute the student's activations in backward to save memory.
             optimizer: Optimizer class and arguments.
             scheduler: Learning-rate scheduler; ``aropd.schedules.WarmupCosine`` learns its length from the trainer.
-            engine: Rollout engine: ``HFGenerate`` (transformers' ``generate``, default) or ``LeanDecode``.
+            engine: Rollout engine: ``LeanDecode`` (default: drops finished rows; ``generate``'s distribution) or ``HFGenerate``.
             seed: Seed of the rollout sampling streams (one per epoch, batch and rank); null = ``seed_everything``.
             lora: Train a LoRA adapter (``aropd.lora.LoRA``) on the frozen student instead of every weight;
                 null = full fine-tuning. Frozen and EMA teachers then share the student's base weights.
@@ -71,7 +71,7 @@ class StudentModule(L.LightningModule):
             raise ValueError("; ".join(problems))
         self.seed = run_seed(seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.engine = engine if engine is not None else HFGenerate()
+        self.engine = engine if engine is not None else LeanDecode()
         self.tokenizer = load_tokenizer(student)
         self.student: torch.nn.Module | None = None
         self.val_metrics = torch.nn.ModuleDict()
