@@ -1,3 +1,3 @@
-from aropd.cli import entry
+from aropd.console import entry
 
 entry()

@@ -3,7 +3,8 @@
 What a checkpoint holds, and where from:
 
 - student, EMA teacher (``teacher_model`` is a submodule), optimizer, LR scheduler and loop
-  progress (epoch, batch index, global step): Lightning;
+  progress (epoch, batch index, global step): Lightning; with a LoRA student, its adapter and EMA
+  adapter instead of the frozen base (``StudentModule.on_save_checkpoint``, ``aropd/lora.py``);
 - the data position: :class:`ResumableDataLoader` (Lightning saves and restores any train loader
   with ``state_dict``/``load_state_dict``);
 - the rollout randomness: nothing to save. Each rollout draws from a stream seeded by

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from aropd.checkpointing import ResumableCheckpoint, is_sharded_checkpoint, unreadable_checkpoint_reason
 from aropd.data import PrivilegedDataModule
 from aropd.module import StudentModule
+from aropd.precheck import DEFAULT_CLASSES, LINKS
 
 # `--ckpt_path` values that Lightning resolves itself rather than naming a file.
 _SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
@@ -25,13 +25,9 @@ class AropdCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Subclass mode keeps `model.init_args.*` paths for sweeps; these defaults let a suite or
         # recipe config stand alone without naming the classes again.
-        parser.set_defaults({
-            "model": {"class_path": "aropd.module.PrivilegedDistillation"},
-            "data": {"class_path": "aropd.data.PrivilegedDataModule"},
-        })
-        # The data is tokenized for the student and cut to its rollout budget: these must stay equal.
-        parser.link_arguments("model.init_args.student", "data.init_args.tokenizer")
-        parser.link_arguments("model.init_args.max_new_tokens", "data.init_args.max_new_tokens")
+        parser.set_defaults({group: {"class_path": path} for group, path in DEFAULT_CLASSES.items()})
+        for source, target in LINKS:  # values that must stay equal
+            parser.link_arguments(source, target)
         parser.add_argument(
             "--cpu_threads", type=int | None, default=None,
             help="torch intra-op threads on CPU (null: torch's default). Tiny models decode fastest with 1: "
@@ -91,8 +87,15 @@ class AropdCLI(LightningCLI):
         if path is not None and not is_sharded_checkpoint(path):
             ckpt = _read_checkpoint(path)
             _check_method(ckpt, path, type(self.model))
+            _check_lora(ckpt, path, self.model.hparams.get("lora"))
             _check_student_shapes(ckpt, path, self.model.hparams.get("student"))
         if self.datamodule is not None:
+            from aropd.sft import SupervisedFineTuning
+
+            trace = getattr(self.datamodule, "teacher_trace", "reference")
+            if stage == "fit" and trace != "reference" and isinstance(self.model, SupervisedFineTuning):
+                # SFT never reads the teacher views, so the control would silently do nothing
+                raise ValueError(f"data.init_args.teacher_trace {trace!r} does nothing with SFT (it has no teacher)")
             self.datamodule.setup(stage)
 
     def _resolve_ckpt_path(self, ckpt_path: Any) -> str | None:
@@ -164,9 +167,31 @@ def _check_method(ckpt: dict[str, Any], path, configured: type) -> None:
         )
 
 
+def _check_lora(ckpt: dict[str, Any], path, configured: Any) -> None:
+    """A LoRA checkpoint needs the LoRA options to load (its adapters have no place otherwise), and the
+    other way round; the adapters' shapes are then compared by Lightning's strict load."""
+    from aropd.lora import is_adapter_key
+
+    adapted = any(is_adapter_key(k) for k in ckpt["state_dict"])
+    if adapted and configured is None:
+        raise ValueError(f"--ckpt_path {path} holds a LoRA adapter, but the config trains no adapter: "
+                         "compose the LoRA options it was trained with (e.g. --config configs/peft/lora.yaml), "
+                         "or export the merged model with `aropd-merge` and validate that")
+    if configured is not None and not adapted:
+        raise ValueError(f"--ckpt_path {path} holds no LoRA adapter, but the config sets model.init_args.lora: "
+                         "drop the LoRA options to load a fully fine-tuned checkpoint")
+
+
 def _check_student_shapes(ckpt: dict[str, Any], path, student: str | None) -> None:
-    """The checkpoint's student weights must fit the configured student, name for name, shape for shape."""
-    saved = {k[len("student."):]: tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    """The checkpoint's student weights must fit the configured student, name for name, shape for shape.
+
+    Adapter weights are left out; a LoRA checkpoint without its frozen base (unsharded) has nothing to compare.
+    """
+    from aropd.lora import is_adapter_key
+
+    # (peft keeps an adapted layer's own weight as `<layer>.base_layer.weight`)
+    saved = {k[len("student."):].replace(".base_layer.", "."): tuple(v.shape) for k, v in ckpt["state_dict"].items()
+             if k.startswith("student.") and not is_adapter_key(k)}
     if not saved or not student:
         return
     try:
@@ -190,15 +215,9 @@ def _check_student_shapes(ckpt: dict[str, Any], path, student: str | None) -> No
 
 def _causal_lm_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of ``name``'s architecture, built on the meta device (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from aropd.models import meta_causal_lm
 
-    from aropd.models import _split_gguf
-
-    path, gguf = _split_gguf(name)
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_causal_lm(name).state_dict().items()}
 
 
 # How every aropd command line is parsed (``aropd`` and ``aropd-prompts``).
@@ -216,19 +235,7 @@ def main(args: list[str] | None = None) -> AropdCLI:
     return AropdCLI(StudentModule, PrivilegedDataModule, save_config_kwargs={"overwrite": True}, args=args, **CLI_KWARGS)
 
 
-def entry() -> None:
-    """Console-script entry point (``aropd``): like ``main``, but a bad config, path or record ends in
-    one line, ``aropd: error: <message>``, and exit status 2 (``AROPD_DEBUG=1``: the traceback)."""
-    try:
-        main()
-    except (ValueError, OSError, ImportError) as e:  # FileNotFoundError is an OSError
-        if os.environ.get("AROPD_DEBUG", "") not in ("", "0"):
-            raise
-        message = " ".join(str(e).split("\n")) or type(e).__name__
-        print("aropd: (AROPD_DEBUG=1 shows the traceback)", file=sys.stderr)
-        print(f"aropd: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
+    from aropd.console import entry
+
     entry()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import lightning as L
 import torch
@@ -27,6 +28,9 @@ from aropd.views import Budgets, PromptTemplate, PromptTooLong, partial_view, re
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN = str(Path(__file__).parent / "assets" / "toy" / "train.jsonl")
+
+TeacherTrace = Literal["reference", "none", "shuffled"]
+"""Which trace the teacher views show (``PrivilegedDataModule(teacher_trace=...)``, docs/method.md)."""
 
 
 @dataclass
@@ -93,6 +97,21 @@ def build_example(
     return PrivilegedExample(student, full.ids, part.ids, reference, a, full.truncated or part.truncated)
 
 
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded permutation ``p`` of ``range(n)`` with ``p[i] != i`` for every ``i`` (needs ``n >= 2``).
+
+    Sattolo's algorithm: a uniformly random permutation with a single cycle through all ``n``, so
+    no index maps to itself. Pure function of ``(n, seed)``: every rank and every epoch gets the same.
+    """
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    p, rng = list(range(n)), random.Random(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)  # j < i (not <= i): what makes the permutation one cycle
+        p[i], p[j] = p[j], p[i]
+    return p
+
+
 def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -143,6 +162,7 @@ class PrivilegedDataModule(L.LightningDataModule):
         val_batch_size: int = 16,
         num_workers: int = 0,
         seed: int | None = None,
+        teacher_trace: TeacherTrace = "reference",
     ) -> None:
         """
         Args:
@@ -162,7 +182,14 @@ class PrivilegedDataModule(L.LightningDataModule):
             val_benchmarks: Benchmarks for validation (``aropd validate`` and in-``fit`` validation).
             val_batch_size: Prompts per validation batch.
             num_workers: DataLoader worker processes.
-            seed: Shuffling seed; null = the run's ``seed_everything``.
+            seed: Shuffling seed (and the ``shuffled`` control's pairing); null = the run's ``seed_everything``.
+            teacher_trace: Which trace both teacher views show. ``reference``: the problem's own (the
+                method). The privilege controls (``configs/methods/no_trace.yaml``, ``shuffled_trace.yaml``):
+                ``none``: no trace, both views are the student prompt (plain self-distillation);
+                ``shuffled``: the trace (reasoning and answer) of another training record, paired by a
+                seeded derangement of the records (:func:`derangement`, seed ``seed``), so none gets its
+                own and the pairing is the same on every rank and epoch. The SFT target, the answer and
+                the student prompt stay the problem's own.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -175,12 +202,18 @@ class PrivilegedDataModule(L.LightningDataModule):
         gen = generation_batch_size
         if gen is not None and batch_size >= 1 and (gen < batch_size or gen % batch_size):
             problems.append(f"generation_batch_size must be a multiple of batch_size ({batch_size}), got {gen}")
+        if teacher_trace not in get_args(TeacherTrace):
+            problems.append(f"teacher_trace must be one of {', '.join(get_args(TeacherTrace))}, got {teacher_trace!r}")
+        elif teacher_trace == "none" and partial_ratio != 0.5:
+            # no trace, so no partial view to cut: a partial_ratio would silently do nothing
+            problems.append(f"partial_ratio ({partial_ratio}) does nothing with teacher_trace 'none' (no trace is shown)")
         if problems:
             raise ValueError("; ".join(problems))
         self.train_sources = [resolve(src) for src in ([train] if isinstance(train, str) else train)]
         self.fields = FieldNames(**fields) if isinstance(fields, dict) else fields or FieldNames()
         self.template = PromptTemplate(**template) if isinstance(template, dict) else template or PromptTemplate()
         self.partial_ratio = partial_ratio
+        self.teacher_trace = teacher_trace
         self.budgets = Budgets(max_prompt_tokens, max_teacher_tokens, max_new_tokens)
         self.val_benchmarks = list(val_benchmarks or [])
         self._tokenizer = None
@@ -215,18 +248,30 @@ class PrivilegedDataModule(L.LightningDataModule):
         rows_by_source = [(src, load_records(src, self.hparams.train_split)) for src in self.train_sources]
         for src, rows in rows_by_source:  # every source checked before any tokenization
             check_records(rows, self.fields, src)
-        examples, dropped, truncated = [], 0, 0
         f = self.fields
-        for src, rows in rows_by_source:
-            for row in rows:
-                q, r, a = (str(row[k]) for k in (f.question, f.reasoning, f.answer))
-                try:
-                    ex = build_example(self.tokenizer, self.template, q, r, a, self.budgets, self.partial_ratio)
-                except PromptTooLong:
-                    dropped += 1
-                    continue
-                truncated += ex.truncated
-                examples.append(ex)
+        records = [tuple(str(row[k]) for k in (f.question, f.reasoning, f.answer))
+                   for _, rows in rows_by_source for row in rows]
+        donors = list(range(len(records)))
+        if self.teacher_trace == "shuffled":
+            if len(records) < 2:
+                raise ValueError(f"teacher_trace 'shuffled' needs at least 2 training records, got {len(records)}")
+            # over all records before any is dropped, so dropping one does not re-pair the others
+            donors = derangement(len(records), run_seed(self.hparams.seed))
+        examples, dropped, truncated = [], 0, 0
+        for (q, r, a), donor in zip(records, donors):
+            try:
+                ex = build_example(self.tokenizer, self.template, q, r, a, self.budgets, self.partial_ratio)
+                if self.teacher_trace == "none":
+                    ex = ex._replace(full=ex.student, partial=ex.student, truncated=False)
+                elif self.teacher_trace == "shuffled":
+                    _, r2, a2 = records[donor]
+                    shown = build_example(self.tokenizer, self.template, q, r2, a2, self.budgets, self.partial_ratio)
+                    ex = ex._replace(full=shown.full, partial=shown.partial, truncated=shown.truncated)
+            except PromptTooLong:
+                dropped += 1
+                continue
+            truncated += ex.truncated
+            examples.append(ex)
         self.stats = {"examples": len(examples), "dropped_too_long": dropped, "truncated_trace": truncated}
         if dropped or truncated:
             log.warning(

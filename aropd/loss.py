@@ -383,7 +383,10 @@ def distillation_loss(
     done: set[int] = set()
 
     def view_logprobs(hidden: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
-        return None if hidden is None else teacher_head(hidden[:, sl]).float().log_softmax(-1)
+        # A view's states are a strided slice of the teacher's output; matmul does not fold a strided
+        # [B, c, H] into one matrix product but runs a batched one against the weight expanded B times
+        # (~1.2x the time at V = 8192). The copy is [B, c, H], small beside the [B, c, V] product.
+        return None if hidden is None else teacher_head(hidden[:, sl].contiguous()).float().log_softmax(-1)
 
     def terms(s_lp: torch.Tensor, sl: slice, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = completion_ids[:, sl]

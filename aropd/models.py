@@ -159,6 +159,16 @@ def load_causal_lm(name: str, dtype: str = "float32") -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, **kw)
 
 
+def meta_causal_lm(name: str) -> torch.nn.Module:
+    """``name``'s architecture built on the meta device: its modules and shapes, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf = _split_gguf(name)
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def check_same_vocabulary(student_tok: Any, teacher_tok: Any, teacher_name: str) -> None:
     """A separate teacher must share the student's tokenizer: the target is over the student's ids."""
     problems = []

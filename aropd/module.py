@@ -5,6 +5,7 @@ target → distillation loss. SFT, the off-policy baseline, is ``aropd.sft.Super
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -13,10 +14,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from aropd.lora import LoRA
 from aropd.loss import Probes, distillation_loss
 from aropd.metrics import BucketAccuracy
 from aropd.models import load_causal_lm, load_tokenizer
-from aropd.rollout import HFGenerate, RolloutBuffer, RolloutEngine, Sampling, SamplingConfig, eos_ids_of, run_seed, seeded
+from aropd.rollout import LeanDecode, RolloutBuffer, RolloutEngine, Sampling, SamplingConfig, eos_ids_of, run_seed, seeded
 from aropd.targets import AnchoredResidual, Target
 from aropd.teachers import EMATeacher, Teacher, completion_hidden, score_views
 from aropd.types import PrivilegedBatch, PromptBatch, Rollout, StepRecord
@@ -40,6 +42,7 @@ class StudentModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         engine: RolloutEngine | None = None,
         seed: int | None = None,
+        lora: LoRA | None = None,
     ) -> None:
         """
         Args:
@@ -51,18 +54,25 @@ class StudentModule(L.LightningModule):
             gradient_checkpointing: Recompute the student's activations in backward to save memory.
             optimizer: Optimizer class and arguments.
             scheduler: Learning-rate scheduler; ``aropd.schedules.WarmupCosine`` learns its length from the trainer.
-            engine: Rollout engine: ``HFGenerate`` (transformers' ``generate``, default), ``LeanDecode``, or
-                ``aropd.vllm_engine.VLLMEngine`` (vLLM in this process, weights synced after each optimizer step).
+            engine: Rollout engine: ``LeanDecode`` (default: drops finished rows; ``generate``'s distribution),
+                ``HFGenerate``, or ``aropd.vllm_engine.VLLMEngine`` (vLLM in this process, weights synced after each optimizer step).
             seed: Seed of the rollout sampling streams (one per epoch, batch and rank); null = ``seed_everything``.
+            lora: Train a LoRA adapter (``aropd.lora.LoRA``) on the frozen student instead of every weight;
+                null = full fine-tuning. Frozen and EMA teachers then share the student's base weights.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "engine"])  # the subclasses' options too
+        # Saved as a plain mapping (checkpoints load with weights_only, which refuses other classes);
+        # through a subclass's **kwargs the CLI passes one anyway.
+        self.lora = LoRA(**lora) if isinstance(lora, dict) else lora
+        if lora is not None:
+            self.hparams.lora = dataclasses.asdict(self.lora)
         problems = self.option_problems()
         if problems:  # every problem at once, before any model is loaded
             raise ValueError("; ".join(problems))
         self.seed = run_seed(seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.engine = engine if engine is not None else HFGenerate()
+        self.engine = engine if engine is not None else LeanDecode()
         self.tokenizer = load_tokenizer(student)
         self.student: torch.nn.Module | None = None
         self.val_metrics = torch.nn.ModuleDict()
@@ -77,6 +87,16 @@ class StudentModule(L.LightningModule):
             problems.append(f"val_max_new_tokens must be >= 1 or null, got {h.val_max_new_tokens}")
         if h.loss_chunk_size is not None and h.loss_chunk_size < 1:
             problems.append(f"loss_chunk_size must be >= 1 or null, got {h.loss_chunk_size}")
+        if self.lora is not None:
+            from aropd.lora import target_problems
+            from aropd.models import meta_causal_lm
+
+            try:  # the architecture on the meta device: target names checked before any weight is read
+                model = meta_causal_lm(h.student)
+            except Exception:
+                model = None  # configure_model checks them on the loaded model
+            if model is not None:
+                problems += target_problems(self.lora, model)
         return problems
 
     @property
@@ -89,6 +109,10 @@ class StudentModule(L.LightningModule):
         if self.student is not None:  # idempotent: Lightning may call it more than once
             return
         self.student = load_causal_lm(self.hparams.student, self.hparams.dtype).train()
+        if self.lora is not None:
+            from aropd.lora import add_lora
+
+            add_lora(self.student, self.lora)
         if self.hparams.gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.build_models()
@@ -101,6 +125,27 @@ class StudentModule(L.LightningModule):
 
     def build_models(self) -> None:
         """Models beside the student, built from it before sharding (default: none)."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A LoRA run's base weights are frozen and loaded again from `student`: the checkpoint keeps the
+        # adapters (a sharded one too: FSDP2Strategy.load_checkpoint asks for the adapter keys only).
+        # A full-state file written under FSDP2 (save_distributed_checkpoint: false) keeps the base:
+        # Lightning loads that one strictly, broadcasting it from rank 0.
+        from aropd.sharding import is_sharded
+
+        full_state_under_fsdp = is_sharded(self.student) and not getattr(
+            self.trainer.strategy, "_save_distributed_checkpoint", True)
+        if self.lora is not None and not full_state_under_fsdp:
+            from aropd.lora import drop_base_weights
+
+            drop_base_weights(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.engine.weights_updated()  # an engine built before a restore holds the weights it replaces
+        if self.lora is not None and "state_dict" in checkpoint:
+            from aropd.lora import restore_base_weights
+
+            restore_base_weights(checkpoint["state_dict"], self)
 
     @property
     def synced_generation(self) -> bool:
@@ -139,9 +184,6 @@ class StudentModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.engine.weights_updated()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.engine.weights_updated()  # an engine built before a restore holds the weights it replaces
 
     def check_finite(self, loss: torch.Tensor, **inputs: torch.Tensor | None) -> None:
         """Stop before the optimizer step when the loss is not finite, naming the first input that is not.
@@ -307,6 +349,14 @@ class PrivilegedDistillation(StudentModule):
 
     def build_models(self) -> None:
         self.teacher_model = self.teacher.build(self.student, self.tokenizer)
+        if self.lora is not None:  # which teacher a LoRA run has is not obvious from the config
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from aropd.lora import AdapterTeacher
+
+            what = (self.teacher_model.describe() if isinstance(self.teacher_model, AdapterTeacher)
+                    else f"{type(self.teacher).__name__}: a model of its own, unchanged by the student's adapter")
+            rank_zero_info(f"LoRA student ({self.lora}); teacher: {what}")
 
     def on_fit_start(self) -> None:
         # Per-position diagnostics are computed only when an enabled callback reads them.

@@ -158,7 +158,9 @@ def shard_module(module) -> bool:
     if options.activation_checkpointing:
         module.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_causal_lm(module.student, mesh, options)
-    if module.teacher_model is not None:
+    # A teacher with weights of its own; a LoRA student's frozen or EMA teacher runs on the student's
+    # (sharded) weights and has none (aropd.lora.AdapterTeacher).
+    if module.teacher_model is not None and any(True for _ in module.teacher_model.parameters()):
         shard_causal_lm(module.teacher_model, mesh, options)
     return True
 
@@ -221,6 +223,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self.global_rank == 0:
             publish(staging, path)
         self.barrier()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """A LoRA run's sharded checkpoint holds the adapters without the frozen base: load those keys
+        (``aropd.lora.load_sharded_adapters``); anything else loads as Lightning loads it."""
+        from aropd.checkpointing import is_sharded_checkpoint
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if getattr(self.lightning_module, "lora", None) is None or not is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from aropd.lora import load_sharded_adapters
+
+        return load_sharded_adapters(self.model, self.optimizers, path, weights_only)
 
     def remove_checkpoint(self, filepath) -> None:
         from aropd.checkpointing import remove

@@ -110,18 +110,25 @@ def anchored_residual(
     no_clip = clip is None or math.isinf(clip)
     residual = clipped = None
     if details or not (lam == 0 or (lam == 1 and no_clip)):
-        raw = full - partial
-        # Entries where both views put zero mass give -inf - -inf = NaN: a zero residual, kept at zero mass below.
-        residual = (raw if no_clip else raw.clamp(-clip, clip)).nan_to_num(0.0)
+        # One new [..., V] tensor, worked on in place (each [..., V] pass is a large part of the target's time).
+        residual = full - partial
         if details and not no_clip:
-            clipped = raw.abs() > clip
+            clipped = residual.abs() > clip
+        if not no_clip:
+            residual.clamp_(-clip, clip)
+        # Entries where both views put zero mass give -inf - -inf = NaN: a zero residual, kept at zero mass below.
+        residual.nan_to_num_(0.0)
     # The endpoints return their view as is, so they are bit-identical to FullView / PartialView.
     if lam == 0:
         logprobs = partial
     elif lam == 1 and no_clip:
         logprobs = full
     else:
-        logprobs = torch.where(torch.isneginf(partial), partial, partial + lam * residual).log_softmax(-1)
+        # ℓ_P + λ·r, in the residual's own buffer unless a diagnostic reads the residual.
+        logits = partial + lam * residual if details else residual.mul_(lam).add_(partial)
+        # Zero partial mass stays zero (an unclipped +inf residual, nan_to_num'd to the largest float, times
+        # λ > 1 would overflow and meet -inf as NaN).
+        logprobs = logits.masked_fill_(torch.isneginf(partial), -math.inf).log_softmax(-1)
     return TargetOutput(logprobs, residual if details else None, clipped)
 
 

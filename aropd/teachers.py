@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from aropd.lora import EMA_ADAPTER, AdapterTeacher, is_adapted
 from aropd.models import check_same_vocabulary, load_causal_lm, load_tokenizer
 from aropd.types import VIEWS, PrivilegedBatch, Rollout, TeacherScores
 
@@ -34,7 +35,11 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 class EMATeacher(Teacher):
-    """Self-distillation: a copy of the student, ``θ_T ← (1 − α) θ_T + α θ_S`` after each optimizer step."""
+    """Self-distillation: a copy of the student, ``θ_T ← (1 − α) θ_T + α θ_S`` after each optimizer step.
+
+    With a LoRA student only the adapter is averaged: an EMA adapter beside the student's, used for the
+    teacher's forward over the shared base weights (``aropd.lora.AdapterTeacher``).
+    """
 
     def __init__(self, alpha: float = 0.01) -> None:
         if not 0 <= alpha <= 1:
@@ -42,18 +47,26 @@ class EMATeacher(Teacher):
         self.alpha = alpha
 
     def build(self, student, student_tokenizer):
+        if is_adapted(student):
+            return AdapterTeacher(student, EMA_ADAPTER)
         return _frozen(copy.deepcopy(student))
 
     @torch.no_grad()
     def update(self, teacher, student):
-        t_params, s_params = list(teacher.parameters()), list(student.parameters())
-        torch._foreach_lerp_(t_params, [p.detach() for p in s_params], self.alpha)
+        if isinstance(teacher, AdapterTeacher):
+            t_params, s_params = teacher.ema_pairs()
+        else:
+            t_params, s_params = list(teacher.parameters()), [p.detach() for p in student.parameters()]
+        torch._foreach_lerp_(t_params, s_params, self.alpha)
 
 
 class FrozenTeacher(Teacher):
-    """A frozen copy of the initial student."""
+    """A frozen copy of the initial student; with a LoRA student, its base model (the adapter switched
+    off for the teacher's forward, no second copy)."""
 
     def build(self, student, student_tokenizer):
+        if is_adapted(student):
+            return AdapterTeacher(student, None)
         return _frozen(copy.deepcopy(student))
 
 

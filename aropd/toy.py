@@ -107,6 +107,24 @@ def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPS) -> 
     return {"question": question, "reasoning": " ".join(lines), "answer": f"{value:02d}"}
 
 
+def scramble(problem: dict[str, str], rng: random.Random) -> dict[str, str]:
+    """``problem`` with a trace whose results are random two-digit values.
+
+    The question, the step labels, the operations and the start value are kept, and each step's input
+    is the previous step's (random) result, so the trace has the layout of a worked solution but its
+    arithmetic is wrong from the first result on: no value in it can be computed, only copied from a
+    context that shows it (the copy curriculum of ``aropd.experiments.pretrain``). The answer is the
+    last result.
+    """
+    value, chain = parse_question(problem["question"])
+    lines = []
+    for i, (op, k) in enumerate(chain):
+        new = rng.randrange(MOD)
+        lines.append(f"#{len(chain) - i} {op}{k} on {value:02d}={new:02d}.")
+        value = new
+    return {"question": problem["question"], "reasoning": " ".join(lines), "answer": f"{value:02d}"}
+
+
 def parse_question(question: str) -> tuple[int, list[tuple[str, int]]]:
     """The start value and the ``(op, k)`` of every step of a question written by :func:`make_problem`."""
     m = _QUESTION.fullmatch(question)
@@ -182,6 +200,13 @@ def make_split(
             seen.add(p["question"])
             out.append(p)
     return out
+
+
+# How the committed splits are drawn (scripts/make_quickstart_assets.py): train problems have 2-8
+# steps (~35-105 response tokens, for CPU rollout budgets); val and test add one problem in eight
+# with 20-90 steps (~230-1,000 tokens), so the long-rollout length buckets are not empty.
+TRAIN_SPLIT: dict = {"min_steps": 2, "max_steps": 8}
+EVAL_SPLIT: dict = {**TRAIN_SPLIT, "long_frac": 0.125, "long_steps": (20, 90)}
 
 
 def read_split(path: str | Path) -> list[dict[str, str]]:

@@ -87,10 +87,29 @@ def checkpoint_weights(model: torch.nn.Module, untie: bool = False) -> Iterator[
     """The model's parameters as ``(checkpoint name, tensor)``, one at a time, in a fixed order.
 
     ``named_parameters`` lists a tied output layer once, under the embedding's name; ``untie`` sends it
-    under its own name too (``lm_head.weight``), for an engine whose config unties the two.
+    under its own name too (``lm_head.weight``), for an engine whose config unties the two. A LoRA
+    student is sent merged, under the base model's names (``W + scaling · B A`` of the adapter that
+    trains; the EMA adapter is the teacher's): vLLM holds a plain model and would not know peft's names.
     """
+    from aropd.lora import STUDENT_ADAPTER, adapter_layers, is_adapted, is_adapter_key
+
+    adapted = {}
+    if is_adapted(model):
+        layers = set(adapter_layers(model))
+        adapted = {name: m for name, m in model.named_modules() if m in layers}
     for name, p in model.named_parameters():
-        yield name, _full(p)
+        if is_adapter_key(name):
+            continue  # folded into its base weight below
+        owner, sep, leaf = name.rpartition(".base_layer.")
+        if not sep:
+            yield name, _full(p)
+            continue
+        weight = _full(p)
+        layer = adapted.get(owner)
+        if leaf == "weight" and layer is not None and STUDENT_ADAPTER in layer.lora_A:
+            a, b = _full(layer.lora_A[STUDENT_ADAPTER].weight), _full(layer.lora_B[STUDENT_ADAPTER].weight)
+            weight = weight + (layer.scaling[STUDENT_ADAPTER] * (b @ a)).to(weight.dtype)
+        yield f"{owner}.{leaf}", weight
     if untie:
         yield "lm_head.weight", _full(model.get_output_embeddings().weight)
 

@@ -119,10 +119,10 @@ def default_workers(n_items: int) -> int:
 
 
 def grade_math(responses: list[str], golds: list[str], workers: int | None = None,
-               timeout_s: float = 10.0) -> list[Verdict]:
+               timeout_s: float = 10.0, retries: int = 1) -> list[Verdict]:
     """One :class:`Verdict` per response. Equivalence checks that are not settled by string match
     run in ``workers`` spawned processes, each check limited to ``timeout_s`` (``workers=0``: in
-    this process, without a timeout)."""
+    this process, without a timeout); a check that times out is tried again ``retries`` times."""
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses for {len(golds)} records")
     extracted = [extract_math_answer(r) for r in responses]
@@ -138,10 +138,11 @@ def grade_math(responses: list[str], golds: list[str], workers: int | None = Non
     if todo:
         n_workers = default_workers(len(todo)) if workers is None else workers
         res = map_with_timeout("aropd.evaluators.grade_math:math_equal",
-                               [(str(golds[i]), extracted[i]) for i in todo], n_workers, timeout_s)
+                               [(str(golds[i]), extracted[i]) for i in todo], n_workers, timeout_s, retries=retries)
         for i, (ok, val) in zip(todo, res):
             if not ok:
-                verdicts[i] = Verdict(False, extracted[i], f"grading {val}" if val == "timeout" else str(val))
+                reason = f"grading timeout ({timeout_s:g} s, {1 + retries} tries)" if val == "timeout" else str(val)
+                verdicts[i] = Verdict(False, extracted[i], reason)
             else:
                 verdicts[i] = Verdict(bool(val), extracted[i], "correct" if val else "wrong answer")
     return verdicts  # type: ignore[return-value]

@@ -5,8 +5,10 @@ Workers are plain subprocesses, ``python -m aropd.evaluators.pool module:functio
 JSON list of arguments per line on stdin and answer one JSON line on stdout. Being fresh
 interpreters (not forks, not ``multiprocessing`` spawns), they are safe to start from a process that
 holds threads, CUDA or a distributed backend, and they never re-import the caller's ``__main__``.
-A task that runs past ``timeout_s`` gets its worker killed and replaced; a worker that dies reports
-its task as failed. Nothing here raises because of a task.
+A task that runs past ``timeout_s`` gets its worker killed and replaced, and is tried again on a fresh
+worker up to ``retries`` times before it is reported as a timeout: on a loaded machine a check that
+normally takes a second can miss its limit once, and a correct answer must not be graded wrong for
+it. A worker that dies reports its task as failed. Nothing here raises because of a task.
 """
 
 from __future__ import annotations
@@ -83,10 +85,12 @@ class _Worker:
 
 
 def map_with_timeout(target: str, items: Sequence[tuple], workers: int, timeout_s: float,
-                     startup_timeout_s: float = 120.0) -> list[tuple[bool, Any]]:
+                     startup_timeout_s: float = 120.0, retries: int = 1) -> list[tuple[bool, Any]]:
     """``[(ok, value)]`` for ``target(*item)`` (``target`` = ``"module:function"``, arguments and
-    results JSON-serialisable), in order; ``(False, reason)`` on a timeout (``"timeout"``), an
-    exception or a dead worker. ``workers <= 0`` runs in this process, without timeout protection."""
+    results JSON-serialisable), in order; ``(False, reason)`` on a timeout (``"timeout"``, after
+    ``1 + retries`` tries), an exception or a dead worker. ``timeout_s`` counts from the moment the
+    task reaches a started worker, so interpreter start-up is never part of it. ``workers <= 0``
+    runs in this process, without timeout protection."""
     if not items:
         return []
     if workers <= 0:
@@ -101,6 +105,7 @@ def map_with_timeout(target: str, items: Sequence[tuple], workers: int, timeout_
 
     results: list[tuple[bool, Any] | None] = [None] * len(items)
     pending = deque(range(len(items)))
+    tries = [0] * len(items)
     pool: list[_Worker] = []
     try:
         pool = [_Worker(target) for _ in range(min(workers, len(items)))]
@@ -108,6 +113,7 @@ def map_with_timeout(target: str, items: Sequence[tuple], workers: int, timeout_
             for w in pool:
                 if w.ready and w.task is None and pending:
                     i = pending.popleft()
+                    tries[i] += 1
                     w.send(i, items[i])
             now = time.monotonic()
             waits = [w.t0 + timeout_s - now for w in pool if w.task is not None]
@@ -135,7 +141,10 @@ def map_with_timeout(target: str, items: Sequence[tuple], workers: int, timeout_
             now = time.monotonic()
             for k, w in enumerate(pool):
                 if w.task is not None and now - w.t0 > timeout_s:
-                    results[w.task] = (False, "timeout")
+                    if tries[w.task] <= retries:
+                        pending.appendleft(w.task)
+                    else:
+                        results[w.task] = (False, "timeout")
                     w.kill()
                     pool[k] = _Worker(target)
                 elif not w.ready and now - w.born > startup_timeout_s:

@@ -5,6 +5,7 @@
     python scripts/bench_step.py --processes 1 2                # FSDP2 over gloo: tokens/s, peak RSS per process
     python scripts/bench_step.py --loss-memory                  # chunked vs. unchunked loss at a 150k vocabulary
     python scripts/bench_step.py --loss-timing [--loss-repeats 5]  # fused vs. previous vs. single-view loss time
+    python scripts/bench_step.py --vs-trl [--pairs 5 --steps 10]   # paired step time against TRL's SDFT trainer
 
 Each method runs in its own process (so peak RSS is its own) on the tests' tiny random model.
 Figures are medians over the measured steps; the machine is shared, so compare ratios in one run.
@@ -33,6 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("aropd/rollout", "aropd/teacher_scoring", "aropd/student_forward_and_loss")
+TRL_VENV = ROOT / ".venv-trl"  # TRL's own venv (gitignored): its pins must not touch aropd's
+PEER_DIR = ROOT / "build/peer"  # the comparison's model, prompts and TRL's output folder (gitignored)
+# TRL's teacher prompt: the user turn "{prompt}\n\n{privileged_context}" (SDFTConfig.teacher_prompt_template),
+# whose privileged context run_opd.py words "{reasoning} Answer: {answer}"; no system message.
+PEER_TEMPLATE = {"system": "", "teacher_user": "{question}\n\n{trace}", "trace": "{reasoning} Answer: {answer}"}
 
 
 def diagnostics_callbacks(figure_every: int | None = None) -> list:
@@ -55,7 +61,10 @@ def diagnostics_callbacks(figure_every: int | None = None) -> list:
 
 
 def run_one(method: str, steps: int, warmup: int, extra: list[str], diagnostics: str | None = None,
-            threads: int = 2, figure_every: int | None = None) -> dict:
+            threads: int = 2, figure_every: int | None = None, peer: dict | None = None) -> dict:
+    """One method's run in this process. ``peer`` (``{"model", "prompts"}``): the TRL comparison's
+    settings instead of the tiny model's (see :func:`vs_trl`)."""
+    import functools
     import tempfile
 
     import lightning as L
@@ -67,7 +76,7 @@ def run_one(method: str, steps: int, warmup: int, extra: list[str], diagnostics:
 
     torch.set_num_threads(threads)
     L.seed_everything(0)
-    step_times, tokens = [], []
+    step_times, tokens, widths = [], [], []
 
     cpu_times: list[float] = []  # process CPU time (all threads): less sensitive to a busy machine
 
@@ -80,8 +89,24 @@ def run_one(method: str, steps: int, warmup: int, extra: list[str], diagnostics:
             cpu_times.append(time.process_time() - self.c0)
             rec = outputs.get("record") if isinstance(outputs, dict) else None
             tokens.append(float(rec.mask.sum()) if rec is not None else float(batch.reference_mask.sum()))
+            decoded = int(rec.mask.sum(-1).max()) if rec is not None else 0  # decode steps of the rollout
+            widths.append({"student": batch.student_ids.shape[1], "full": batch.full_ids.shape[1],
+                           "partial": batch.partial_ids.shape[1], "decoded": decoded})
 
-    args = dict(max_new_tokens=64)
+    tiny = str(ROOT / "aropd/assets/tiny-llama")
+    args: dict = dict(max_new_tokens=64)
+    data_args: dict = dict(tokenizer=tiny, batch_size=8, max_new_tokens=64)
+    trainer_args: dict = {}
+    if peer is not None:  # TRL SDFT's settings in run_opd.py: frozen teacher, AdamW lr 1e-5, clip 1.0; fused
+        # AdamW, as transformers' Trainer picks it with torch >= 2.8 (optim="adamw_torch_fused")
+        from aropd.rollout import LeanDecode
+        from aropd.teachers import FrozenTeacher
+
+        args = dict(student=peer["model"], max_new_tokens=128, teacher=FrozenTeacher(), engine=LeanDecode(),
+                    optimizer=functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0, fused=True))
+        data_args = dict(tokenizer=peer["model"], train=[peer["prompts"]], template=PEER_TEMPLATE, batch_size=8,
+                         max_new_tokens=128)
+        trainer_args = dict(gradient_clip_val=1.0)
     callbacks: list = [Clock()]
     logger = False
     if diagnostics is not None:  # the diagnostics overhead: on vs. off, both with a TensorBoard logger
@@ -89,13 +114,13 @@ def run_one(method: str, steps: int, warmup: int, extra: list[str], diagnostics:
             callbacks = [*diagnostics_callbacks(figure_every), *callbacks]
         logger = TensorBoardLogger(tempfile.mkdtemp(prefix="aropd_bench_"), name="", version="")
     args.update(json.loads(extra[0]) if extra else {})
-    model = method_module(method, student=str(ROOT / "aropd/assets/tiny-llama"), **args)
-    data = PrivilegedDataModule(tokenizer=str(ROOT / "aropd/assets/tiny-llama"), batch_size=8, max_new_tokens=64)
+    model = method_module(method, **{"student": tiny, **args})
+    data = PrivilegedDataModule(**data_args)
     profiler = SimpleProfiler()
     trainer = L.Trainer(
         max_steps=steps + warmup, accelerator="cpu", logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, profiler=profiler, callbacks=callbacks,
-        log_every_n_steps=1,
+        log_every_n_steps=1, **trainer_args,
     )
     trainer.fit(model, data)
     m = slice(warmup, None)
@@ -114,14 +139,21 @@ def run_one(method: str, steps: int, warmup: int, extra: list[str], diagnostics:
         "phases_s": phases,
         "tokens_per_s": statistics.median(t / s for t, s in zip(tokens[m], step_times[m])),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # per measured step, for the TRL comparison
+        "phase_times_s": {k.split("/")[-1]: v[warmup:] for k, v in profiler.recorded_durations.items() if k in PHASES},
+        "tokens": tokens[m],
+        "widths": widths[m],
     }
+
+
+ALL_METHODS = ["ar_opd", "full_opd", "partial_opd", "sft"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=["ar_opd", "full_opd", "partial_opd", "sft"])
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, help="(with --vs-trl, OPD methods only; default there: ar_opd full_opd)")
     p.add_argument("--model-args", default="", help="JSON of extra PrivilegedDistillation args")
     p.add_argument("--diagnostics", action="store_true", help="diagnostics on vs. off (ar_opd); see the docstring")
     p.add_argument("--repeats", type=int, default=3, help="off/on run pairs with --diagnostics")
@@ -138,10 +170,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--loss-timing", action="store_true",
                    help="loss forward + backward time, fused vs. previous vs. single view; see loss_timing()")
     p.add_argument("--loss-repeats", type=int, default=5, help="with --loss-timing: timed runs per setting")
+    p.add_argument("--vs-trl", action="store_true",
+                   help="paired step comparison with TRL 1.16.0's SDFT trainer (own venv, .venv-trl); see vs_trl()")
+    p.add_argument("--pairs", type=int, default=5, help="with --vs-trl: rounds of one process per system")
     p.add_argument("--_scale_child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_loss_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_diag", default=None, choices=["on", "off"], help=argparse.SUPPRESS)
+    p.add_argument("--_peer", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._scale_child is not None:  # one process count's run (Lightning re-runs this command for each rank)
         run_scale(a._scale_child, a.steps, a.warmup, a.threads_per_process, a.global_batch)
@@ -155,9 +191,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return loss_memory()
     if a.loss_timing:
         return loss_timing(repeats=a.loss_repeats, threads=a.threads)
+    if a.vs_trl:
+        return vs_trl(a.pairs, a.steps, a.methods if a.methods != ALL_METHODS else ["ar_opd", "full_opd"])
     if a._child:
         extra = [a.model_args] if a.model_args else []
-        print("RESULT " + json.dumps(run_one(a._child, a.steps, a.warmup, extra, a._diag, a.threads, a.figure_every)))
+        peer = {"model": str(PEER_DIR / "tiny"), "prompts": str(PEER_DIR / "prompts.jsonl")} if a._peer else None
+        print("RESULT " + json.dumps(run_one(a._child, a.steps, a.warmup, extra, a._diag, a.threads, a.figure_every,
+                                             peer)))
         return []
 
     def child(method: str, diag: str | None = None) -> dict:
@@ -201,6 +241,127 @@ def diagnostics_overhead(runs: list[dict]) -> list[dict]:
     print(f"overhead: step time on/off = {ratio:.3f} ({100 * (ratio - 1):+.1f} %), "
           f"CPU time on/off = {cpu_ratio:.3f} ({100 * (cpu_ratio - 1):+.1f} %)  [budget: +10 %]")
     return [{"off_s": wall["off"], "on_s": wall["on"], "ratio": ratio, "cpu_ratio": cpu_ratio, "runs": runs}]
+
+
+# ---- paired comparison with TRL's SDFT trainer ----------------------------------------------------
+def trl_python() -> Path | None:
+    """The python of TRL's venv, made on first use (torch 2.13.0 first, so TRL's resolve keeps it, then
+    trl 1.16.0); None, with the reason printed, when that cannot be installed."""
+    py = TRL_VENV / "bin/python"
+    check = [str(py), "-c", "import trl, torch; assert trl.__version__ == '1.16.0', trl.__version__"]
+    if py.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return py
+    for cmd in ([sys.executable, "-m", "venv", str(TRL_VENV)],
+                [str(py), "-m", "pip", "install", "-q", "torch==2.13.0"],
+                [str(py), "-m", "pip", "install", "-q", "trl==1.16.0"], check):
+        print("$ " + " ".join(cmd), flush=True)
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            print(f"skipping the TRL comparison: TRL 1.16.0 could not be installed in {TRL_VENV.name} "
+                  f"(`{' '.join(cmd)}` exited {run.returncode}):\n{run.stderr[-2000:]}")
+            return None
+    return py
+
+
+def vs_trl(pairs: int, steps: int, methods: list[str]) -> list[dict]:
+    """aropd's training step against TRL 1.16.0's ``SDFTTrainer(distillation_mode="full_logits")``.
+
+    Both train the same seeded 5.0M-parameter Llama (vocabulary 8,192) that ``scripts/peer/build_tiny.py``
+    builds, batch 8, 128 new tokens at temperature 1, top-p 1, top-k 0, fp32, forward KL over the full
+    vocabulary, a frozen teacher, fused AdamW lr 1e-5, gradient clipping 1.0, one torch thread, no
+    validation, checkpoints or diagnostics. TRL runs ``scripts/peer/run_opd.py --trainer sdft`` (one
+    teacher view: the prompt with the privileged context); aropd runs each of ``methods`` with
+    ``LeanDecode``: ``ar_opd`` scores two teacher views (full and partial) and builds its target from
+    both, ``full_opd`` one. Every process runs ``steps`` steps, the first of which is left out (thread
+    pools, allocator, lazy imports); the systems alternate process by process, the order reversed each
+    round, so a busy machine slows them alike. Step wall time, process CPU time and the split into
+    rollout, teacher and the rest (student forward, loss, backward and optimizer: step minus rollout
+    minus teacher, on both sides) are pooled over the rounds; the table shows medians and aropd / TRL.
+    """
+    import tempfile
+
+    py = trl_python()
+    if py is None:
+        return []
+    PEER_DIR.mkdir(parents=True, exist_ok=True)
+    if not (PEER_DIR / "tiny/config.json").exists() or not (PEER_DIR / "prompts.jsonl").exists():
+        subprocess.run([str(py), str(ROOT / "scripts/peer/build_tiny.py")], cwd=PEER_DIR, check=True,
+                       capture_output=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+    def trl_run() -> list[dict]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "sdft.json"
+            cmd = [str(py), str(ROOT / "scripts/peer/run_opd.py"), "--trainer", "sdft", "--model",
+                   str(PEER_DIR / "tiny"), "--prompts", str(PEER_DIR / "prompts.jsonl"), "--out-dir",
+                   str(PEER_DIR / "out"), "--steps", str(steps), "--bs", "8", "--new", "128", "--threads", "1",
+                   "--json", str(out)]
+            run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            if run.returncode:
+                sys.exit(f"TRL SDFT failed:\n{run.stderr[-3000:]}")
+            res = json.loads(out.read_text())
+        teacher_w = res["teacher_len_padded"]
+        return [{"step_s": s["step_s"], "cpu_s": s["cpu_s"], "rollout_s": s["rollout_s"], "teacher_s": s["teacher_s"],
+                 "rest_s": s["rest_s"], "decoded": max(s["gen_len"]), "tokens": s["real_tokens"],
+                 "prompt_w": res["prompt_len_padded"][i], "teacher_w": teacher_w[i] - max(s["gen_len"])}
+                for i, s in enumerate(res["per_step"])][1:]
+
+    def aropd_run(method: str) -> list[dict]:
+        cmd = [sys.executable, __file__, "--steps", str(steps - 1), "--warmup", "1", "--_child", method,
+               "--threads", "1", "--_peer"]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        line = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+        if not line:
+            sys.exit(f"aropd {method} failed:\n{run.stderr[-3000:]}")
+        r = json.loads(line[-1][7:])
+        ph = r["phase_times_s"]
+        rows = []
+        for i, (step, cpu) in enumerate(zip(r["step_times_s"], r["cpu_times_s"])):
+            roll, teach = ph["rollout"][i], ph["teacher_scoring"][i]
+            w = r["widths"][i]
+            rows.append({"step_s": step, "cpu_s": cpu, "rollout_s": roll, "teacher_s": teach,
+                         "rest_s": step - roll - teach, "decoded": w["decoded"], "tokens": r["tokens"][i],
+                         "prompt_w": w["student"],
+                         "teacher_w": max(w["full"], w["partial"]) if method == "ar_opd" else w["full"]})
+        return rows
+
+    systems = ["trl", *methods]
+    pooled: dict[str, list[dict]] = {k: [] for k in systems}
+    rounds: list[dict] = []
+    for i in range(pairs):
+        order = systems if i % 2 == 0 else systems[::-1]
+        medians = {}
+        for name in order:
+            load = os.getloadavg()[0]
+            rows = trl_run() if name == "trl" else aropd_run(name)
+            pooled[name] += rows
+            medians[name] = statistics.median(r["step_s"] for r in rows)
+            print(f"round {i + 1}/{pairs} {name:<9} median step {medians[name]:6.2f} s over {len(rows)} steps, "
+                  f"load {load:.2f} before", flush=True)
+        rounds.append(medians)
+    load = os.getloadavg()
+    keys = ("step_s", "cpu_s", "rollout_s", "teacher_s", "rest_s")
+    med = {k: {f: statistics.median(r[f] for r in pooled[k]) for f in (*keys, "decoded", "tokens", "prompt_w",
+                                                                          "teacher_w")} for k in systems}
+    print(f"\n{pairs} rounds x {steps} steps per process (first left out), medians of the pooled steps; "
+          f"1 torch thread; load average (1/5/15 min) at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"{'system':<9} {'step s':>7} {'cpu s':>7} {'rollout':>8} {'teacher':>8} {'rest':>7} {'steps':>6} "
+          f"{'decoded':>8} {'tokens':>7} {'prompt':>7} {'teacher':>8}  step / TRL  cpu / TRL")
+    for k in systems:
+        m = med[k]
+        ratio = "" if k == "trl" else (f"  {m['step_s'] / med['trl']['step_s']:>9.2f}"
+                                       f"  {m['cpu_s'] / med['trl']['cpu_s']:>9.2f}")
+        print(f"{k:<9} {m['step_s']:>7.2f} {m['cpu_s']:>7.2f} {m['rollout_s']:>8.2f} {m['teacher_s']:>8.2f} "
+              f"{m['rest_s']:>7.2f} {len(pooled[k]):>6} {m['decoded']:>8.0f} {m['tokens']:>7.0f} {m['prompt_w']:>7.0f} "
+              f"{m['teacher_w']:>8.0f}{ratio}")
+    for k in methods:
+        per_round = [r[k] / r["trl"] for r in rounds]
+        print(f"{k} / TRL step, per round: " + " ".join(f"{x:.2f}" for x in per_round))
+    print("rest = step - rollout - teacher (student forward, loss, backward, optimizer); decoded = decode steps "
+          "(longest completion), tokens = completion tokens before EOS per batch; prompt, teacher = padded "
+          "widths of the student prompt and of the teacher's prompt part")
+    return [{"system": k, **med[k], "steps": len(pooled[k])} for k in systems] + [{"rounds": rounds, "load": load}]
 
 
 # ---- scale: 1 vs. N processes, and the memory-bounded loss ---------------------------------------
@@ -400,14 +561,15 @@ def loss_timing(repeats: int = 5, threads: int = 2,
                 sizes=((8192, 8, 128, 256), (150_000, 1, 256, 64)), chunk: int | None = 256) -> list[dict]:
     """Forward + backward time of the loss alone (from hidden states, no diagnostics), per ``(vocab,
     batch, positions, hidden)``: the fused pass and the previous one on AR-OPD's target (both views,
-    forward KL), the fused pass on a single view (``FullView``), and a single-view reference — plain
-    autograd forward KL toward one view, unchunked, the least any loss of this kind does.
+    forward KL), the fused pass on a single view (``FullView``), and a single-view reference — TRL SDFT's
+    ``full_logits`` loss (log-softmax of both, ``F.kl_div(..., log_target=True)`` summed over the
+    vocabulary, plain autograd, unchunked) toward one view.
 
     The four alternate within each repeat (so a busy machine slows them alike); medians over
     ``repeats`` of wall and process CPU time, and ratios to the fused pass."""
     import torch
+    import torch.nn.functional as F
 
-    from aropd.divergences import forward_kl
     from aropd.loss import distillation_loss, sequence_weights
     from aropd.targets import AnchoredResidual, FullView
     from aropd.types import TeacherScores
@@ -420,10 +582,11 @@ def loss_timing(repeats: int = 5, threads: int = 2,
         scores = TeacherScores(full=teacher_h[:batch], partial=teacher_h[batch:])
         ar = AnchoredResidual(lam=0.8, clip=5.0)
 
-        def single_view_reference():
+        def single_view_reference():  # TRL SDFT's full_logits loss (compute_full_logit_self_distillation_loss)
             with torch.no_grad():
                 t_lp = t_head(scores.full).float().log_softmax(-1)
-            per = forward_kl(t_lp, s_head(student_h).float().log_softmax(-1))
+            s_lp = s_head(student_h).float().log_softmax(-1)
+            per = F.kl_div(s_lp, t_lp, reduction="none", log_target=True).sum(-1)
             return (per * sequence_weights(mask)).sum()
 
         impls = {

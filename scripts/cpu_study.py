@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""The CPU method study: Base, SFT, Full OPD, Partial OPD and AR-OPD (λ ∈ {0.6, 0.8, 1.2}) from one
-base model, the same step budget and several seeds each; one markdown table.
+"""The CPU method study: Base, SFT, Full OPD, Partial OPD, AR-OPD (λ ∈ {0.6, 0.8, 1.2}) and the two
+privilege controls from one base model, the same step budget and several seeds each; one markdown table.
 
     python scripts/cpu_study.py [--model aropd/assets/toy-base] [--seeds 0 1 2] [--steps N]
-                                [--root runs/cpu_study] [--val-limit 128] [--quick] [--force]
-                                [--launch inline|subprocess] [--table-only]
+                                [--root runs/cpu_study] [--val-limit 128] [--test-size 1000] [--quick]
+                                [--force] [--launch inline|subprocess] [--table-only]
 
-The runs go to <root>/<method>/seed<k>/, the table to <root>/table.md; what each column means is in
+The runs go to <root>/<method>/seed<k>/, the table and the paired per-problem comparisons to
+<root>/table.md; what each column means is in
 aropd.experiments.cpu_study. --quick is a smoke test (1 seed, 4 steps, batch 4, 8 test problems,
 24-token budgets, under 3 minutes): it shows the pipeline works, not which method is better.
 """
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--root", default="runs/cpu_study", help="output folder (default: runs/cpu_study)")
     ap.add_argument("--base-config", default=QUICKSTART, help=f"base config (default: {QUICKSTART})")
     ap.add_argument("--test-data", default=TEST_DATA, help=f"toy test split (default: {TEST_DATA})")
+    ap.add_argument("--test-size", type=int, default=None,
+                    help="validate on N fresh toy problems drawn like the test split, none seen in pretraining, "
+                         "written to <root>/toy_test<N>.jsonl (e.g. 1000; default: --test-data)")
     ap.add_argument("--val-limit", type=int, default=None, help="test problems (default: all; --quick: 8)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (default: the config's; --quick: 24)")
     ap.add_argument("--val-max-new-tokens", type=int, default=None,
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def to_study(a: argparse.Namespace) -> Study:
     return Study(model=a.model, seeds=a.seeds, steps=a.steps, root=Path(a.root), base_config=a.base_config,
-                 test_data=a.test_data, val_limit=a.val_limit, max_new_tokens=a.max_new_tokens,
+                 test_data=a.test_data, test_size=a.test_size, val_limit=a.val_limit, max_new_tokens=a.max_new_tokens,
                  val_max_new_tokens=a.val_max_new_tokens, batch_size=a.batch_size, methods=a.methods,
                  subprocess=a.launch == "subprocess").resolved(quick=a.quick)
 

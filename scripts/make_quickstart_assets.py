@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from aropd.models import build_tiny_llama, train_tiny_tokenizer
-from aropd.toy import write_splits
+from aropd.toy import EVAL_SPLIT, TRAIN_SPLIT, write_splits
 from aropd.views import PromptTemplate
 
 
@@ -22,13 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = Path(args.out)
-    # Train: short-to-medium chains (2-8 steps, ~35-105 response tokens) for CPU rollout budgets.
-    # Val/test: the same, plus one problem in eight with 20-90 steps (~230-1,000 tokens), so the
-    # long-rollout length buckets are not empty.
-    long = {"long_frac": 0.125, "long_steps": (20, 90)}
+    # Train: TRAIN_SPLIT's chains; val/test: EVAL_SPLIT's, with long problems (aropd.toy).
     paths = write_splits(
         out / "toy", {"train": 512, "val": 64, "test": 128}, seed=args.seed,
-        min_steps=2, max_steps=8, split_kw={"val": long, "test": long},
+        **TRAIN_SPLIT, split_kw={"val": EVAL_SPLIT, "test": EVAL_SPLIT},
     )
     rows = [json.loads(l) for l in paths["train"].read_text().splitlines()]
     t = PromptTemplate()

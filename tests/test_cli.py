@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from aropd.cli import main
+from aropd.data import PrivilegedDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
@@ -180,4 +181,36 @@ def test_non_finite_or_out_of_range_training_options_stop_before_the_first_step(
         main(["fit", "--config", "configs/quickstart.yaml", "--config", str(TINY_CONF), "--config", str(bad),
               "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)])
     assert needle in str(e.value) or needle in str(e.value.__context__)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("preset,trace", [("no_trace", "none"), ("shuffled_trace", "shuffled")])
+def test_privilege_control_presets_fit_and_save_the_option(tmp_path, monkeypatch, preset, trace):
+    monkeypatch.chdir(ROOT)
+    import yaml
+
+    cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(TINY_CONF),
+                "--config", "configs/methods/full_opd.yaml", "--config", f"configs/methods/{preset}.yaml",
+                "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 1
+    config = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    assert config["data"]["init_args"]["teacher_trace"] == trace
+    assert config["model"]["init_args"]["target"] == {"class_path": "aropd.targets.FullView"}  # composed, not replaced
+    exs = cli.datamodule.train_examples
+    if trace == "none":
+        assert all(e.full == e.student == e.partial for e in exs)
+    else:  # every full view differs from the one its own trace would give (the derangement has no fixed point)
+        own = PrivilegedDataModule(tokenizer=cli.datamodule.hparams.tokenizer, train=cli.datamodule.hparams.train,
+                                   template=cli.datamodule.template, max_new_tokens=cli.datamodule.hparams.max_new_tokens)
+        own.setup("fit")
+        assert len(own.train_examples) == len(exs)
+        assert all(a.full != b.full and a.student == b.student for a, b in zip(exs, own.train_examples))
+
+
+def test_privilege_control_on_sft_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="teacher_trace 'none' does nothing with SFT"):
+        main(["fit", "--config", "configs/quickstart.yaml", "--config", str(TINY_CONF),
+              "--config", "configs/methods/sft.yaml", "--config", "configs/methods/no_trace.yaml",
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)])
     assert not list(tmp_path.rglob("*.ckpt"))

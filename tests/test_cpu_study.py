@@ -17,7 +17,8 @@ from aropd.experiments.cpu_study import Study
 ROOT = Path(__file__).resolve().parents[1]
 
 LABELS = {"base": "Base", "sft": "SFT", "full_opd": "Full OPD", "partial_opd": "Partial OPD",
-          "ar_opd_lam0.6": "AR-OPD λ=0.6", "ar_opd_lam0.8": "AR-OPD λ=0.8", "ar_opd_lam1.2": "AR-OPD λ=1.2"}
+          "ar_opd_lam0.6": "AR-OPD λ=0.6", "ar_opd_lam0.8": "AR-OPD λ=0.8", "ar_opd_lam1.2": "AR-OPD λ=1.2",
+          "no_trace": "No trace (control)", "shuffled_trace": "Shuffled trace (control)"}
 NO_ROLLOUT = {"base", "sft"}
 CELL = re.compile(r"^(-?\d+(?:\.\d+)?(?:e[-+]\d+)?) ± (\d+(?:\.\d+)?(?:e[-+]\d+)?)$")
 
@@ -33,7 +34,11 @@ def study(tmp_path_factory):
 
 
 def parse_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    """The first markdown table of ``text``: its header and its rows by first cell."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    lines = lines[start:end]
     split = lambda ln: [c.strip() for c in ln.strip("|").split("|")]  # noqa: E731
     header = split(lines[0])
     assert set(lines[1].replace("|", "").replace(":", "").replace("-", "")) == set()
@@ -115,6 +120,30 @@ def test_quick_study_table_matches_the_runs(study):
         assert cfg["trainer"]["max_steps"] == 4
     assert "test.jsonl" in table
 
+    # the controls: AR-OPD λ=0.8 with the teacher's trace taken away or swapped
+    for name, trace in (("no_trace", "none"), ("shuffled_trace", "shuffled")):
+        cfg = yaml.safe_load((root / name / "seed0" / "config.yaml").read_text())
+        assert cfg["data"]["init_args"]["teacher_trace"] == trace
+        assert cfg["model"]["init_args"]["target"]["init_args"]["lam"] == 0.8
+
+    # the paired comparisons, recomputed from the runs' per-problem rows
+    header, pairs = parse_table(table[table.index("Paired per-problem"):])
+    assert header[0] == "A − B" and len(pairs) == len(cpu_study.PAIRS)
+
+    def correct(name):
+        res = "validate" if name == "base" else "val/step_4"
+        rows = [json.loads(ln) for ln in (root / name / "seed0" / res / "toy.jsonl").read_text().splitlines()]
+        return {r["id"]: int(r["correct"]) for r in rows}
+
+    for a, b in cpu_study.PAIRS:
+        ca, cb = correct(a), correct(b)
+        assert sorted(ca) == sorted(cb) and len(ca) == 8
+        d = [ca[i] - cb[i] for i in ca]
+        cells = pairs[f"{LABELS[a]} − {LABELS[b]}"]
+        se = statistics.stdev(d) / math.sqrt(len(d))
+        assert cells[1] == f"{100 * statistics.fmean(d):+.1f} ± {100 * se:.1f}", cells
+        assert cells[2] == "8" and cells[3] == f"{d.count(1)} / {d.count(-1)}"
+
 
 @pytest.mark.slow
 def test_finished_runs_are_skipped(study, capsys):
@@ -124,6 +153,33 @@ def test_finished_runs_are_skipped(study, capsys):
     out = capsys.readouterr().out
     assert out.count("finished, skipped") == 2
     assert (root / "table.md").read_text().count("\n| ") < before.count("\n| ")  # only the two methods asked
+
+
+def test_large_test_split_is_fresh_deterministic_and_drawn_like_the_test_split(tmp_path):
+    from aropd.evaluators import get_benchmark
+    from aropd.experiments.pretrain import seen_questions
+    from aropd.toy import check_reasoning, parse_question, read_split
+
+    path = cpu_study.large_test_split(1000, tmp_path / "a.jsonl", "aropd/assets/toy-base")
+    rows = read_split(path)
+    questions = [r["question"] for r in rows]
+    assert len(set(questions)) == 1000
+    committed = {r["question"] for s in ("train", "val", "test") for r in read_split(ROOT / f"aropd/assets/toy/{s}.jsonl")}
+    report = json.loads((ROOT / "aropd/assets/toy-base/pretrain.json").read_text())
+    seen = seen_questions(report)
+    # the replayed stream holds at least every problem the base trained on (and the tokenizer's)
+    assert len(seen) >= report["args"]["tokenizer_problems"] + report["examples_seen"]
+    assert not set(questions) & (committed | seen)
+    steps = [len(parse_question(q)[1]) for q in questions]
+    assert sum(20 <= n <= 90 for n in steps) == 125 and sum(2 <= n <= 8 for n in steps) == 875  # 1 in 8 long
+    assert all(not check_reasoning(r) for r in rows)
+    again = cpu_study.large_test_split(1000, tmp_path / "b.jsonl", "aropd/assets/toy-base")
+    assert again.read_bytes() == path.read_bytes()
+    assert len(get_benchmark("toy").load(str(path))) == 1000  # the benchmark reads it as a split
+    s = Study(root=tmp_path, test_size=1000).resolved()
+    assert s.test_data == str(tmp_path / "toy_test1000.jsonl")
+    with pytest.raises(cpu_study.runs.ExperimentError, match="test_size"):
+        Study(test_size=1000, test_data="x.jsonl").resolved()
 
 
 def test_model_default_prefers_toy_base():

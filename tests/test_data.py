@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from aropd.data import PrivilegedDataModule, load_records
+from aropd.data import PrivilegedDataModule, derangement, load_records
 from aropd.views import PromptTemplate, partial_view, render
 
 
@@ -102,3 +102,71 @@ def test_parquet_and_saved_dataset_read_the_same_records(tmp_path, tiny_path):
 def test_bad_options_name_themselves(tiny_path, kw, option):
     with pytest.raises(ValueError, match=option):
         PrivilegedDataModule(tokenizer=tiny_path, **kw)
+
+
+# ---- privilege controls: which trace the teacher views show -----------------------------------------
+
+THREE = ROWS + [{"question": "Start at 50. -5 (mod 100). Result?", "reasoning": "50-5=45 so far so good", "answer": "45"}]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 17, 128])
+def test_derangement_is_a_seeded_permutation_without_fixed_points(n):
+    for seed in range(5):
+        p = derangement(n, seed)
+        assert sorted(p) == list(range(n))
+        assert all(p[i] != i for i in range(n))
+        assert derangement(n, seed) == p  # a pure function of (n, seed): every rank and epoch agree
+    if n == 2:
+        assert derangement(2, 0) == [1, 0]  # the only derangement of two
+    if n >= 5:
+        assert len({tuple(derangement(n, s)) for s in range(5)}) > 1  # the seed matters
+    with pytest.raises(ValueError, match="at least 2"):
+        derangement(1, 0)
+
+
+def test_no_trace_views_are_the_student_prompt(tmp_path, tiny_path, tokenizer):
+    dm = _dm(tiny_path, _write(tmp_path / "n.jsonl", THREE), teacher_trace="none")
+    t = PromptTemplate()
+    for ex, row in zip(dm.train_examples, THREE):
+        student = render(tokenizer, t.student_messages(row["question"]))
+        assert ex.student == ex.full == ex.partial == student
+        # no token of the trace reaches the teacher; the SFT target and the answer are still the problem's own
+        assert row["reasoning"] not in tokenizer.decode(ex.full) and "Here is an example" not in tokenizer.decode(ex.full)
+        assert tokenizer.decode(ex.reference[:-1]) == t.format_trace(row["reasoning"], row["answer"])
+        assert ex.answer == row["answer"]
+    b = next(iter(dm.train_dataloader()))
+    assert (b.privileged_len == 0).all()
+
+
+def test_shuffled_trace_views_show_another_problems_trace(tmp_path, tiny_path, tokenizer):
+    dm = _dm(tiny_path, _write(tmp_path / "s.jsonl", THREE), teacher_trace="shuffled", seed=7)
+    t = PromptTemplate()
+    shown = []
+    for i, (ex, row) in enumerate(zip(dm.train_examples, THREE)):
+        q = row["question"]
+        # which record's trace the full view shows, found from the rendered prompts alone
+        j = [k for k, o in enumerate(THREE) if ex.full == render(tokenizer, t.teacher_messages(q, o["reasoning"], o["answer"]))]
+        assert len(j) == 1 and j[0] != i, (i, j)
+        other = THREE[j[0]]
+        assert ex.partial == render(tokenizer, t.teacher_messages(q, partial_view(other["reasoning"], 0.5), other["answer"]))
+        assert ex.student == render(tokenizer, t.student_messages(q))
+        assert tokenizer.decode(ex.reference[:-1]) == t.format_trace(row["reasoning"], row["answer"]) and ex.answer == row["answer"]
+        shown.append(j[0])
+    # a derangement of three is one of the two 3-cycles; it is the library's, seeded by the data seed
+    assert shown in ([1, 2, 0], [2, 0, 1]) and shown == derangement(3, 7)
+    again = _dm(tiny_path, _write(tmp_path / "s2.jsonl", THREE), teacher_trace="shuffled", seed=7)
+    assert again.train_examples == dm.train_examples
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"teacher_trace": "random"}, "teacher_trace must be one of reference, none, shuffled"),
+    ({"teacher_trace": "none", "partial_ratio": 0.3}, "partial_ratio"),
+])
+def test_bad_teacher_trace_options_name_themselves(tiny_path, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        PrivilegedDataModule(tokenizer=tiny_path, **kw)
+
+
+def test_shuffled_trace_needs_two_records(tmp_path, tiny_path):
+    with pytest.raises(ValueError, match="teacher_trace 'shuffled' needs at least 2"):
+        _dm(tiny_path, _write(tmp_path / "one.jsonl", ROWS[:1]), teacher_trace="shuffled")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aropd.cli import entry, main
+from aropd.cli import main
+from aropd.console import entry
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONF = ROOT / "tests" / "conf" / "tiny.yaml"

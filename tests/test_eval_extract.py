@@ -2,6 +2,7 @@
 math equivalence check through the timeout-guarded worker pool."""
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,11 +74,30 @@ def test_math_equal_in_this_thread_and_off_main_thread():
 
 def test_pool_timeout_kills_only_the_slow_task():
     t0 = time.monotonic()
-    res = map_with_timeout("time:sleep", [(0.01,), (60,), (0.02,)], workers=2, timeout_s=1.5)
+    res = map_with_timeout("time:sleep", [(0.01,), (60,), (0.02,)], workers=2, timeout_s=1.5, retries=0)
     assert time.monotonic() - t0 < 20
     assert res == [(True, None), (False, "timeout"), (True, None)]
     err = map_with_timeout("math:sqrt", [(-1.0,), (4.0,)], workers=1, timeout_s=10)
     assert err[0][0] is False and "ValueError" in err[0][1] and err[1] == (True, 2.0)
+
+
+def test_pool_retries_a_timeout_once_on_a_fresh_worker(tmp_path, monkeypatch):
+    # The first try hangs (a loaded machine), the second answers: graded on the second, not a timeout.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "fixtures" / "pool"))
+    markers = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert map_with_timeout("slow_once:slow_once", [(m,) for m in markers], workers=2, timeout_s=1.5) == [
+        (True, "fast"), (True, "fast")]
+    # With no retry left, the same hang is a timeout, and the worker that replaced it still serves.
+    fresh = str(tmp_path / "c")
+    res = map_with_timeout("slow_once:slow_once", [(fresh,), (markers[0],)], workers=1, timeout_s=1.5, retries=0)
+    assert res == [(False, "timeout"), (True, "fast")]
+
+
+def test_math_timeout_reason_names_the_limit_and_tries():
+    # A limit no check can meet (a fresh worker's first check imports math-verify, ~1 s): every try
+    # times out, and the verdict says which limit was hit and how often.
+    v = grade_math([r"\boxed{\frac{1}{2}}"], ["0.5"], workers=1, timeout_s=1e-3, retries=1)
+    assert v[0].correct is False and v[0].reason == "grading timeout (0.001 s, 2 tries)"
 
 
 def test_toy_integer_grading():

@@ -109,6 +109,10 @@ def test_report_is_written_and_consistent(tiny_run):
         "kl_full_partial_shown_tokens"
     ] * (1 - views["hidden_token_fraction"])
     assert total == pytest.approx(views["kl_full_partial_per_token"], rel=1e-6)
+    for v in ("student", "full", "partial"):  # the same for each prompt's NLL: the copy figures are recorded
+        f = views["hidden_token_fraction"]
+        total = views[f"nll_{v}_hidden_tokens"] * f + views[f"nll_{v}_shown_tokens"] * (1 - f)
+        assert total == pytest.approx(views[f"nll_{v}_per_token"], rel=1e-6)
     assert saved["wall_seconds"] > 0 and saved["final_loss"] == pytest.approx(result.report["final_loss"])
 
 
@@ -129,6 +133,69 @@ def test_kl_matches_a_direct_computation(tiny_run):
             total += (lps[0].exp() * (lps[0] - lps[1])).sum().item()
             n += len(resp)
     assert got["kl_full_partial_per_token"] == pytest.approx(total / n, rel=1e-4, abs=1e-6)
+
+
+def test_copy_figures_match_a_naive_per_position_loop(tiny_run):
+    """view_divergence (batched, padded, offsets from the tokenizer) against one forward per position,
+    each token's place in the trace found by decoding the ids before it."""
+    root, result = tiny_run
+    tok, model, t = result.tokenizer, result.model.eval(), TOY_TEMPLATE
+    problems = read_split(root / "toy" / "test.jsonl")[:3]
+    got = pb.view_divergence(model, tok, t, problems, 0.5, batch_size=2)
+    open_tag = "<reasoning>"
+    sums = {(name, part): 0.0 for name in ("student", "full", "partial", "kl") for part in ("hidden", "shown")}
+    n = {"hidden": 0, "shown": 0}
+    with torch.no_grad():
+        for p in problems:
+            resp = response_ids(tok, p)
+            prompts = {
+                "student": render(tok, t.student_messages(p["question"])),
+                "full": render(tok, t.teacher_messages(p["question"], p["reasoning"], p["answer"])),
+                "partial": render(tok, t.teacher_messages(p["question"], partial_view(p["reasoning"], 0.5), p["answer"])),
+            }
+            cut, end = len(open_tag) + len(partial_view(p["reasoning"], 0.5)), len(open_tag) + len(p["reasoning"])
+            for k, token in enumerate(resp):
+                start = len(tok.decode(resp[:k]))  # where token k begins in the trace text
+                part = "hidden" if cut <= start < end and k < len(resp) - 1 else "shown"
+                n[part] += 1
+                lp = {}
+                for view, prompt in prompts.items():
+                    logits = model(input_ids=torch.tensor([prompt + resp[:k]])).logits[0, -1]
+                    lp[view] = torch.log_softmax(logits.double(), -1)
+                    sums[(view, part)] -= lp[view][token].item()
+                sums[("kl", part)] += (lp["full"].exp() * (lp["full"] - lp["partial"])).sum().item()
+    assert n["hidden"] > 0 and n["shown"] > 0
+    assert got["hidden_token_fraction"] == pytest.approx(n["hidden"] / (n["hidden"] + n["shown"]))
+    for part in ("hidden", "shown"):
+        assert got[f"kl_full_partial_{part}_tokens"] == pytest.approx(sums[("kl", part)] / n[part], rel=1e-4, abs=1e-6)
+        for view in ("student", "full", "partial"):
+            assert got[f"nll_{view}_{part}_tokens"] == pytest.approx(sums[(view, part)] / n[part], rel=1e-4, abs=1e-6)
+    assert got["copy_nll_ratio_hidden"] == pytest.approx(sums[("full", "hidden")] / sums[("student", "hidden")], rel=1e-4)
+    assert got["kl_hidden_to_shown_ratio"] == pytest.approx(
+        (sums[("kl", "hidden")] / n["hidden"]) / (sums[("kl", "shown")] / n["shown"]), rel=1e-4)
+
+
+def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
+    """copy_frac 0 is the plain run (bit for bit, as the committed base needs); copy_frac > 0 changes the
+    data; init continues from a saved model with its tokenizer."""
+    root, _ = tiny_run
+    short = {**TINY, "steps": 4, "eval_limit": 2, "kl_limit": 2, "splits": str(root / "toy")}
+
+    def weights(out, **kw):
+        pb.pretrain(PretrainArgs(**{**short, **kw}, out=str(out), seed=3))
+        return (out / "model.safetensors").read_bytes()
+
+    plain = weights(tmp_path / "a")
+    assert weights(tmp_path / "b", copy_frac=0.0) == plain
+    assert weights(tmp_path / "c", copy_frac=0.5) != plain
+    cont = weights(tmp_path / "d", init=str(root / "model"))
+    assert cont != plain
+    report = json.loads((tmp_path / "d" / "pretrain.json").read_text())
+    assert report["args"]["init"] == str(root / "model") and report["params"] == tiny_run[1].report["params"]
+    # the continued run's seen problems include those of the run it started from
+    assert pb.seen_questions(tiny_run[1].report) <= pb.seen_questions(report)
+    with pytest.raises(ValueError, match="copy_frac must be in"):
+        pb.pretrain(PretrainArgs(**short, out=str(tmp_path / "e"), copy_frac=1.0))
 
 
 def test_extract_answer():
@@ -184,3 +251,25 @@ def test_committed_toy_base_reproduces_its_reported_accuracy():
     problems = read_split(ROOT / "aropd" / "assets" / "toy" / "test.jsonl")
     got = pb.greedy_accuracy(model, tok, TOY_TEMPLATE, problems, report["args"]["eval_batch"])
     assert got["accuracy"] == report["test"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_committed_toy_base_copy_figures_reproduce():
+    """The copy figures in the committed pretrain.json are what view_divergence finds on that model now
+    (``scripts/pretrain_base.py --views-only`` wrote the ones added after it was pretrained)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = _report()
+    a = report["args"]
+    tok = AutoTokenizer.from_pretrained(TOY_BASE)
+    model = AutoModelForCausalLM.from_pretrained(TOY_BASE)
+    problems = read_split(ROOT / a["splits"] / "test.jsonl")[: a["kl_limit"]]
+    got = pb.view_divergence(model, tok, TOY_TEMPLATE, problems, a["partial_ratio"])
+    assert set(got) == set(report["views"])
+    for key, value in report["views"].items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+    # This base does not copy: the full view predicts the tokens the partial view hides worse than the
+    # question alone does, and the views disagree only a little more there than elsewhere.
+    assert report["views"]["copy_nll_ratio_hidden"] > 1
+    assert report["views"]["kl_hidden_to_shown_ratio"] < 2
+

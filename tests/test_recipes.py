@@ -27,6 +27,8 @@ SFT = "aropd.sft.SupervisedFineTuning"
 TARGETS = {"ar_opd": "aropd.targets.AnchoredResidual", "full_opd": "aropd.targets.FullView",
            "partial_opd": "aropd.targets.PartialView"}
 METHODS = ("sft", *TARGETS)
+# The privilege controls set only which trace the teacher sees; the target is the method config's before them.
+CONTROLS = {"no_trace": "none", "shuffled_trace": "shuffled"}
 LAM = "--model.init_args.target.init_args.lam"
 
 
@@ -162,10 +164,13 @@ PAPER_OPD = {
 def expected_settings(argv: list[str]) -> dict[str, object]:
     """What a command promises: the recipe's paper settings and its method's target, then its own flags."""
     configs = configs_of(argv)
-    methods = [Path(c).stem for c in configs if c.startswith("configs/methods/")]
+    stems = [Path(c).stem for c in configs if c.startswith("configs/methods/")]
+    methods = [m for m in stems if m not in CONTROLS]
     recipes = [Path(c).stem for c in configs if c.startswith("configs/recipes/")]
     method = methods[-1] if methods else None
     out: dict[str, object] = {}
+    for control in (m for m in stems if m in CONTROLS):
+        out["data.init_args.teacher_trace"] = CONTROLS[control]
     if recipes:
         out.update(PAPER, **({} if method == "sft" else PAPER_OPD))
         out["data.init_args.train"] = [f"data/{recipes[-1]}/train.jsonl"]
@@ -178,10 +183,22 @@ def expected_settings(argv: list[str]) -> dict[str, object]:
         out.update({"model.init_args.target.init_args.lam": 0.8, "model.init_args.target.init_args.clip": 5.0})
     if "configs/models/tiny-llama.yaml" in configs:
         out["model.init_args.student"] = "aropd/assets/tiny-llama"
+    for c in configs:  # a variant composed after the recipe (configs/peft/) changes what it sets, as a flag would
+        if c.startswith("configs/peft/"):
+            for key in flat_keys(yaml.safe_load((ROOT / c).read_text())):
+                out = {k: v for k, v in out.items() if k != key and not k.startswith(key + ".")}
     for key, value in overrides(argv).items():
         out = {k: v for k, v in out.items() if k != key and not k.startswith(key + ".")}  # --trainer.strategy auto
         if not isinstance(value, (list, dict)):  # a given list or mapping gains its defaults when resolved
             out[key] = value
+    return out
+
+
+def flat_keys(cfg: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a config's leaves (a mapping's leaves; a list or scalar is one leaf)."""
+    out = []
+    for k, v in cfg.items():
+        out += flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
     return out
 
 

@@ -18,6 +18,7 @@ from aropd.toy import (
     make_split,
     parse_question,
     read_split,
+    scramble,
     solve,
     steps_for_tokens,
     write_splits,
@@ -194,3 +195,23 @@ def test_quickstart_prompts_are_the_toy_template():
     cfg = yaml.safe_load((ASSETS.parents[2] / "configs" / "quickstart.yaml").read_text())
     assert cfg["model"]["init_args"]["student"] == "aropd/assets/toy-base"
     assert PromptTemplate(**cfg["data"]["init_args"]["template"]) == TOY_TEMPLATE
+
+
+def test_scramble_keeps_the_layout_and_randomizes_the_results():
+    import re
+
+    got = scramble(HAND, random.Random(4))
+    assert got["question"] == HAND["question"]
+    steps = re.findall(r"#(\d+) ([-+*]\d) on (\d\d)=(\d\d)\.", got["reasoning"])
+    assert " ".join(f"#{i} {o} on {a}={b}." for i, o, a, b in steps) == got["reasoning"]
+    # the labels, the operations and the start value of the hand problem; each input the last result
+    assert [(i, o) for i, o, _, _ in steps] == [("4", "-2"), ("3", "*7"), ("2", "-2"), ("1", "*7")]
+    assert steps[0][2] == "98" and all(steps[k][2] == steps[k - 1][3] for k in range(1, 4))
+    assert got["answer"] == steps[-1][3]
+    assert scramble(HAND, random.Random(4)) == got  # seeded
+    # the results are not the arithmetic: over many draws almost every scrambled trace fails the check
+    rng = random.Random(0)
+    problems = make_split(200, seed=3)
+    wrong = sum(bool(check_reasoning(scramble(p, rng))) for p in problems)
+    assert wrong >= 190
+

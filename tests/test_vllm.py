@@ -127,6 +127,7 @@ def test_a_generation_batch_too_large_for_one_prefill_step_samples_with_its_seed
 def test_after_a_sync_the_engine_samples_the_updated_weights_and_a_stale_one_does_not(built, toy):
     engine, model = built[0], toy[0]
     greedy = SamplingConfig(max_new_tokens=48, temperature=0.0)
+    syncs = len(engine.sync_seconds)
     engine.weights_updated()
     before = _rollout(engine, model, toy, greedy)  # synced to the original weights
     changed = copy.deepcopy(model)
@@ -141,7 +142,7 @@ def test_after_a_sync_the_engine_samples_the_updated_weights_and_a_stale_one_doe
     synced = _rows(_rollout(engine, changed, toy, greedy))
     assert synced == want  # 8/8
     assert stale == _rows(before) and sum(x != y for x, y in zip(stale, want)) >= 6  # the negative control
-    assert len(engine.sync_seconds) >= 3
+    assert len(engine.sync_seconds) == syncs + 2  # once per weights_updated(), none for the stale rollout
     engine.weights_updated()  # back to the original weights at the next rollout
 
 
@@ -235,3 +236,24 @@ def test_fsdp_two_processes_each_with_an_engine_synced_from_gathered_shards(tmp_
     s = _scalars(next(tmp_path.rglob("events.out.tfevents*")).parent)
     assert len(s["train/loss"]) == 2 and all(torch.isfinite(torch.tensor(s["train/loss"])))
     assert len(s["diag/rollout_logprob_gap"]) == 2 and max(s["diag/rollout_logprob_gap"]) < 1e-3
+
+
+@needs_vllm
+def test_a_lora_student_is_synced_merged(toy):
+    """vLLM holds a plain model: a LoRA student's weights reach it as base + adapter, under the base names,
+    so the engine samples the adapted student (not its base, nor the EMA adapter)."""
+    from aropd.lora import LoRA, add_lora, adapter_parameters, STUDENT_ADAPTER
+
+    model, eos, pad_id, ids, mask = toy
+    student = add_lora(copy.deepcopy(model), LoRA(rank=8, alpha=16))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero (adapter = no-op): move it so the adapter matters
+        for p in adapter_parameters(student, STUDENT_ADAPTER):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    student.eval()
+    greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
+    want = _rows(_rollout(HFGenerate(), student, toy, greedy))
+    base = _rows(_rollout(HFGenerate(), model, toy, greedy))
+    assert sum(x != y for x, y in zip(want, base)) >= 6  # the adapter changes greedy outputs
+    engine = VLLMEngine(kv_cache_gib=0.25)
+    assert _rows(_rollout(engine, student, toy, greedy)) == want

@@ -1,7 +1,9 @@
-"""The CPU method study: Base, SFT, Full OPD, Partial OPD and AR-OPD (λ ∈ {0.6, 0.8, 1.2}) from one
-base model, the same step budget and several seeds each; one markdown table.
+"""The CPU method study: Base, SFT, Full OPD, Partial OPD, AR-OPD (λ ∈ {0.6, 0.8, 1.2}) and the two
+privilege controls (AR-OPD λ=0.8 with no trace or a shuffled one) from one base model, the same step
+budget and several seeds each; one markdown table and the paired per-problem comparisons under it.
 
 Every run is ``aropd fit --config configs/quickstart.yaml --config configs/methods/<method>.yaml``
+(the controls add ``configs/methods/no_trace.yaml`` or ``shuffled_trace.yaml``)
 with the model, seed, step budget and test-split validation overridden, in
 ``<root>/<method>/seed<k>/``: the run's log dir (``config.yaml``, TensorBoard events, ``fit.log``,
 ``val/step_<steps>/results.json``, ``DONE``). Base is ``aropd validate`` of the base model alone
@@ -24,6 +26,11 @@ The table (``<root>/table.md``) has, per method, mean ± sample std over seeds o
   model: how much the privileged views differ on the base model.
 
 SFT has no rollout and no teacher, Base no training: their diagnostic columns are ``n/a``.
+
+Under it, for each pair of :data:`PAIRS` (A, B) with finished runs, a paired comparison on the
+test problems (``aropd.experiments.tables.paired_comparison``): each problem's score is its mean
+over a method's seeds (from the runs' ``toy.jsonl`` rows), Δ is the difference of accuracies ± its
+paired standard error over problems, and p the exact sign test on the problems each did better on.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from pathlib import Path
 import yaml
 
 from aropd.experiments import runs
-from aropd.experiments.tables import markdown
+from aropd.experiments.tables import Paired, markdown, paired_comparison, paired_table, per_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = "configs/quickstart.yaml"
@@ -65,8 +72,9 @@ class Method:
     """Folder name."""
     label: str
     """Table row."""
-    config: str | None
-    """``configs/methods/<x>.yaml``; None: Base (validation of the base model, no training)."""
+    configs: tuple[str, ...]
+    """``configs/methods/<x>.yaml`` composed in order onto the base config; empty: Base (validation
+    of the base model, no training)."""
     sets: dict[str, str] = field(default_factory=dict)
     """The method's own overrides (λ)."""
     rollout: bool = True
@@ -74,18 +82,34 @@ class Method:
 
     @property
     def trains(self) -> bool:
-        return self.config is not None
+        return bool(self.configs)
+
+
+CONTROL_LAM = 0.8  # the privilege controls keep AR-OPD's target at the paper's λ, so they pair with that row
 
 
 def methods() -> list[Method]:
-    out = [Method("base", "Base", None, rollout=False),
-           Method("sft", "SFT", "configs/methods/sft.yaml", rollout=False),
-           Method("full_opd", "Full OPD", "configs/methods/full_opd.yaml"),
-           Method("partial_opd", "Partial OPD", "configs/methods/partial_opd.yaml")]
+    m = "configs/methods/"
+    out = [Method("base", "Base", (), rollout=False),
+           Method("sft", "SFT", (m + "sft.yaml",), rollout=False),
+           Method("full_opd", "Full OPD", (m + "full_opd.yaml",)),
+           Method("partial_opd", "Partial OPD", (m + "partial_opd.yaml",))]
     for lam in LAMBDAS:
-        out.append(Method(f"ar_opd_lam{lam}", f"AR-OPD λ={lam}", "configs/methods/ar_opd.yaml",
+        out.append(Method(f"ar_opd_lam{lam}", f"AR-OPD λ={lam}", (m + "ar_opd.yaml",),
                           {"model.init_args.target.init_args.lam": str(lam)}))
+    # The privilege controls (docs/method.md): AR-OPD λ=0.8 whose teacher sees no trace (plain
+    # self-distillation) or another problem's trace. An AR-OPD gain that survives them is not hindsight.
+    lam = {"model.init_args.target.init_args.lam": str(CONTROL_LAM)}
+    out += [Method("no_trace", "No trace (control)", (m + "ar_opd.yaml", m + "no_trace.yaml"), lam),
+            Method("shuffled_trace", "Shuffled trace (control)", (m + "ar_opd.yaml", m + "shuffled_trace.yaml"), lam)]
     return out
+
+
+# The paired per-problem comparisons under the table (A, B): what the method claims (AR-OPD against
+# Full and Partial OPD), the anchor against the full view, and the controls against what they control.
+PAIRS = [(f"ar_opd_lam{CONTROL_LAM}", "full_opd"), (f"ar_opd_lam{CONTROL_LAM}", "partial_opd"),
+         ("partial_opd", "full_opd"), (f"ar_opd_lam{CONTROL_LAM}", "no_trace"),
+         (f"ar_opd_lam{CONTROL_LAM}", "shuffled_trace"), ("full_opd", "no_trace")]
 
 
 METHOD_NAMES = [m.name for m in methods()]
@@ -116,6 +140,10 @@ class Study:
     """Validation budget; None: the toy benchmark's, 1024, so the 90-step problems finish (quick: 24)."""
     batch_size: int | None = None
     """Training batch size; None: the config's (quick: 4)."""
+    test_size: int | None = None
+    """Validate on this many toy problems drawn as the committed test split is, none of them in the
+    committed splits or the base model's pretraining (:func:`large_test_split`), written to
+    ``<root>/toy_test<n>.jsonl``, instead of ``test_data``; None: ``test_data``."""
     methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
     """The methods run and tabulated."""
     subprocess: bool = False
@@ -126,10 +154,40 @@ class Study:
         24-token budgets): it shows the pipeline works, not which method is better."""
         s = replace(self, model=self.model or default_model(), seeds=self.seeds or ([0] if quick else [0, 1, 2]),
                     steps=self.steps or (4 if quick else config_steps(self.base_config)))
+        if s.test_size is not None:
+            if s.test_size < 1:
+                raise runs.ExperimentError(f"test_size must be >= 1, got {s.test_size}")
+            if s.test_data != TEST_DATA:
+                raise runs.ExperimentError(f"test_size ({s.test_size}) and test_data ({s.test_data}) both name the test split")
+            s = replace(s, test_data=str(Path(s.root) / f"toy_test{s.test_size}.jsonl"))
         if quick:
             s = replace(s, val_limit=s.val_limit or 8, max_new_tokens=s.max_new_tokens or 24,
                         val_max_new_tokens=s.val_max_new_tokens or 24, batch_size=s.batch_size or 4)
         return s
+
+
+def large_test_split(n: int, path: Path, model: str, seed: int = 1) -> Path:
+    """Write ``n`` toy problems to ``path``, drawn as the committed test split is (``aropd.toy.EVAL_SPLIT``:
+    2-8 steps, one in eight with 20-90), none of them in the committed splits nor, when ``model`` has a
+    ``pretrain.json``, among the problems its pretraining can have drawn (``seen_questions``).
+
+    Deterministic for ``(n, seed, model)``, so a rerun of the study scores the same problems. The
+    committed 128-problem split has a binomial standard error of about ±4 points; 1,000 problems
+    bring it to about ±1.5, and paired comparisons lower it further.
+    """
+    from aropd.experiments.pretrain import seen_questions
+    from aropd.paths import resolve
+    from aropd.toy import EVAL_SPLIT, make_split, read_split
+
+    committed = Path(resolve("aropd/assets/toy"))
+    exclude = {r["question"] for split in ("train", "val", "test") for r in read_split(committed / f"{split}.jsonl")}
+    report = Path(resolve(model)) / "pretrain.json"
+    if report.is_file():
+        exclude |= seen_questions(json.loads(report.read_text()))
+    rows = make_split(n, seed, exclude=exclude, **EVAL_SPLIT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def config_steps(config: str) -> int:
@@ -194,7 +252,7 @@ def plan(s: Study) -> list[StudyRun]:
             d = Path(s.root) / m.name / f"seed{seed}"
             # the rollout streams and the data order follow seed_everything (their own seeds are unset)
             sets = {**common_sets(s), **m.sets, "seed_everything": str(seed)}
-            configs = [s.base_config] + ([m.config] if m.config else [])
+            configs = [s.base_config, *m.configs]
             subcommand = "fit" if m.trains else "validate"
             args = runs.run_args(configs, sets, d, resume=False)  # short runs, no checkpoints
             out.append(StudyRun(m, seed, d, subcommand, args, runs.config_hash(runs.resolve(subcommand, args))))
@@ -307,12 +365,32 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         "means over all logged training steps; Shift @step 1 is the first step (teacher = base model). "
         "Base: one greedy validation, no training; SFT: no rollout or teacher, so n/a.",
     ]
-    return markdown(header, rows) + "\n".join(notes) + "\n"
+    out = markdown(header, rows) + "\n".join(notes) + "\n"
+    pairs = paired_rows(finished)
+    if pairs:
+        out += ("\nPaired per-problem comparisons (every run scored on the same test problems): a problem's "
+                "score is its mean over the method's seeds; Δ is A's accuracy minus B's, ± the paired standard "
+                "error over problems; p is the exact sign test on the problems each method did better on "
+                "(McNemar's exact test with one seed).\n\n" + paired_table(pairs))
+    return out
+
+
+def paired_rows(finished: list[StudyRun]) -> list[tuple[str, str, Paired]]:
+    """The :data:`PAIRS` whose two methods both have finished runs, compared problem by problem."""
+    labels = {m.name: m.label for m in methods()}
+    scores: dict[str, dict[str, list[float]]] = {}
+    for r in finished:
+        for pid, score in per_problem(r.dir, BENCH).items():
+            scores.setdefault(r.method.name, {}).setdefault(pid, []).append(score)
+    return [(labels[a], labels[b], paired_comparison(scores[a], scores[b]))
+            for a, b in PAIRS if a in scores and b in scores]
 
 
 def run_study(s: Study, force: bool = False, table_only: bool = False) -> int:
     """Run the study (``s`` resolved) and write ``<root>/table.md``; the exit code."""
     root = Path(s.root)
+    if s.test_size is not None:
+        large_test_split(s.test_size, Path(s.test_data), s.model)
     planned = plan(s)
     failed = []
     if not table_only:

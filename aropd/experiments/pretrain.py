@@ -22,8 +22,15 @@ the 20-90-step problems all fail: labels past #32 never occur in training); KL(q
 and then falls to 0.06 as the units digits and the copies are learnt; accuracy rises with it (0% at
 step 350, 44% at 500, 84% on short val problems at step 600 of an 800-step run), so ``steps`` is
 the knob that places the base in the 20-60% band. The full view does not beat the student on the
-reference trace (its NLL is higher): copying the example trace needs an induction head, which this
+reference trace (its NLL is higher, 0.22 against 0.076 nats on the tokens the partial view hides:
+``copy_nll_ratio_hidden`` 2.9): copying the example trace needs an induction head, which this
 budget does not grow, so the two views differ by what they condition on, not by copying.
+
+Two options, off by default, aim at a full view that copies: ``copy_frac`` (a copy curriculum:
+full-view examples whose shown trace has random results, so only copying predicts them) and
+``init`` (continue from a pretrained folder). :func:`view_divergence` measures the outcome (the copy
+figures, ``copy_nll_ratio_hidden`` and ``kl_hidden_to_shown_ratio``); docs/cpu_study.md has a
+short prototype's numbers.
 """
 
 from __future__ import annotations
@@ -45,10 +52,12 @@ from aropd.buckets import bucket_index, bucket_names
 from aropd.data import PrivilegedExample, build_example, pad
 from aropd.divergences import forward_kl
 from aropd.models import train_tiny_tokenizer
-from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split
+from aropd.paths import resolve
+from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split, scramble
 from aropd.views import Budgets, PromptTemplate, partial_view
 
 VIEWS = ("student", "full", "partial")  # the prompt fields of aropd.data.PrivilegedExample
+POOL = 256  # examples drawn at a time and sorted by length into batches (:func:`batches`)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
@@ -86,6 +95,14 @@ class PretrainArgs:
     """Step range of the long share."""
     mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
     """Weights of the student, full-view and partial-view formats."""
+    copy_frac: float = 0.0
+    """Share of training examples that teach the full view to copy (a copy curriculum): a full-view
+    prompt whose example trace has random results (``aropd.toy.scramble``: the layout kept, the
+    arithmetic not), with that trace + EOS as the target, so only copying the example predicts it;
+    the rest follow ``mix``. 0: none (the committed base). In [0, 1)."""
+    init: str | None = None
+    """A pretrained model folder (with its tokenizer) to continue from; None: a fresh model and
+    tokenizer. ``seen_questions`` then also covers the problems of the run that made ``init``."""
     partial_ratio: float = 0.5
     """Fraction of the reasoning the partial view shows."""
     tokenizer_problems: int = 2000
@@ -192,6 +209,24 @@ class ProblemStream:
                 yield p
 
 
+def seen_questions(report: dict[str, Any]) -> set[str]:
+    """Every question that the pretraining run of ``report`` (its ``pretrain.json``) can have trained on.
+
+    Its problem stream replayed from the recorded args: the tokenizer's problems, then one per
+    example seen, plus two pools of look-ahead (a batch pool is drawn whole before it is used), so
+    the set holds all the run drew and a few hundred more. A new evaluation split that excludes it
+    holds no problem the base model was trained on.
+    """
+    a = report["args"]
+    splits = [read_split(Path(resolve(a["splits"])) / f"{s}.jsonl") for s in ("train", "val", "test")]
+    exclude = {r["question"] for rows in splits for r in rows}
+    stream = iter(ProblemStream(a["seed"], a["min_steps"], a["max_steps"], a["long_frac"], tuple(a["long_steps"]), exclude))
+    seen = {next(stream)["question"] for _ in range(a["tokenizer_problems"] + report["examples_seen"] + 2 * POOL)}
+    if a.get("init"):  # a continued run: the problems of the run that made its starting point too
+        seen |= seen_questions(json.loads((Path(resolve(a["init"])) / "pretrain.json").read_text()))
+    return seen
+
+
 def batches(examples: Iterator[tuple[list[int], list[int]]], rng: random.Random, max_tokens: int, pool: int):
     """Length-bucketed batches of at most ``max_tokens`` (padded) tokens, shuffled within each pool."""
     while True:
@@ -279,14 +314,25 @@ def _response_logprobs(model: Any, seqs: list[list[int]], starts: list[int], pad
 def view_divergence(
     model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], ratio: float, batch_size: int = 8
 ) -> dict[str, float]:
-    """Mean per-token KL(q_full || q_partial) (``aropd.divergences.forward_kl``) on the reference responses.
+    """How the teacher views read the reference traces of ``problems``: the copy figures.
 
-    Also split into response tokens that the partial view shows (the kept reasoning) and those it
-    hides, and the reference-token NLL of each view and of the student prompt.
+    Per response token (the reference trace + EOS after each prompt), split into the tokens the
+    partial view hides (the reasoning past its cut) and all others ("shown": the kept reasoning, the
+    tags, the answer, EOS):
+
+    * ``kl_full_partial_*``: mean KL(q_full || q_partial) (``aropd.divergences.forward_kl``) over all,
+      hidden and shown tokens;
+    * ``nll_<view>_*``: mean NLL of the reference token under the student prompt and each view, over
+      all, hidden and shown tokens;
+    * ``copy_nll_ratio_hidden``: ``nll_full_hidden_tokens / nll_student_hidden_tokens``. A full view
+      that copies the trace it sees predicts the hidden tokens far better than the question alone
+      does (ratio well below 1); one that does not copy sits near or above 1;
+    * ``kl_hidden_to_shown_ratio``: ``kl_full_partial_hidden_tokens / kl_full_partial_shown_tokens``:
+      how much more the two views disagree where only the full view has the trace.
     """
     model.eval()
-    kl_all, kl_shown, kl_hidden, n_shown, n_hidden, nll = 0.0, 0.0, 0.0, 0, 0, {v: 0.0 for v in VIEWS}
-    n_tok = 0
+    sums: dict[str, float] = {}
+    counts = {"all": 0, "hidden": 0, "shown": 0}
     open_tag = template.trace.split("{reasoning}")[0]
     for s in range(0, len(problems), batch_size):
         chunk = problems[s : s + batch_size]
@@ -298,27 +344,30 @@ def view_divergence(
             lp[v] = _response_logprobs(model, seqs, [len(p) for p in prompts], tok.pad_token_id)
         for j, (p, e) in enumerate(zip(chunk, exs)):
             target = torch.tensor(e.reference)
-            for v in VIEWS:
-                nll[v] += -lp[v][j].gather(-1, target[:, None]).sum().item()
-            kl = forward_kl(lp["full"][j], lp["partial"][j])
+            per_token = {f"nll_{v}": -lp[v][j].gather(-1, target[:, None])[:, 0] for v in VIEWS}
+            per_token["kl_full_partial"] = forward_kl(lp["full"][j], lp["partial"][j])
             trace = template.format_trace(p["reasoning"], p["answer"])
             offsets = tok(trace, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             cut = len(open_tag) + len(partial_view(p["reasoning"], ratio))
             hidden = torch.tensor([cut <= a < len(open_tag) + len(p["reasoning"]) for a, _ in offsets] + [False])
-            kl_all += kl.sum().item()
-            kl_hidden += kl[hidden].sum().item()
-            kl_shown += kl[~hidden].sum().item()
-            n_hidden += int(hidden.sum())
-            n_shown += int((~hidden).sum())
-            n_tok += len(e.reference)
-    return {
-        "kl_full_partial_per_token": kl_all / n_tok,
-        "kl_full_partial_hidden_tokens": kl_hidden / max(n_hidden, 1),
-        "kl_full_partial_shown_tokens": kl_shown / max(n_shown, 1),
-        "hidden_token_fraction": n_hidden / n_tok,
-        **{f"nll_{v}_per_token": nll[v] / n_tok for v in VIEWS},
-        "tokens": n_tok,
+            for part, mask in (("all", torch.ones_like(hidden)), ("hidden", hidden), ("shown", ~hidden)):
+                counts[part] += int(mask.sum())
+                for name, values in per_token.items():
+                    sums[f"{name}_{part}"] = sums.get(f"{name}_{part}", 0.0) + values[mask].sum().item()
+    mean = {k: v / max(counts[k.rsplit("_", 1)[1]], 1) for k, v in sums.items()}
+    # The names of the first version of this report (the committed base's pretrain.json) are kept.
+    out = {
+        "kl_full_partial_per_token": mean["kl_full_partial_all"],
+        "kl_full_partial_hidden_tokens": mean["kl_full_partial_hidden"],
+        "kl_full_partial_shown_tokens": mean["kl_full_partial_shown"],
+        "hidden_token_fraction": counts["hidden"] / counts["all"],
+        **{f"nll_{v}_per_token": mean[f"nll_{v}_all"] for v in VIEWS},
+        "tokens": counts["all"],
     }
+    out.update({f"nll_{v}_{part}_tokens": mean[f"nll_{v}_{part}"] for part in ("hidden", "shown") for v in VIEWS})
+    out["copy_nll_ratio_hidden"] = out["nll_full_hidden_tokens"] / max(out["nll_student_hidden_tokens"], 1e-12)
+    out["kl_hidden_to_shown_ratio"] = out["kl_full_partial_hidden_tokens"] / max(out["kl_full_partial_shown_tokens"], 1e-12)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -326,6 +375,8 @@ def view_divergence(
 
 def pretrain(args: PretrainArgs) -> Result:
     """Train, evaluate and save the model, its tokenizer and ``pretrain.json`` in ``args.out``."""
+    if not 0.0 <= args.copy_frac < 1.0:
+        raise ValueError(f"copy_frac must be in [0, 1), got {args.copy_frac}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -340,8 +391,13 @@ def pretrain(args: PretrainArgs) -> Result:
     texts = [template.system, template.teacher_user] + [
         p["question"] + "\n" + template.format_trace(p["reasoning"], p["answer"]) for p in corpus_problems
     ]
-    tok = train_toy_tokenizer(texts, args.vocab_size)
-    model = build_model(tok, args)
+    if args.init is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok, model = AutoTokenizer.from_pretrained(args.init), AutoModelForCausalLM.from_pretrained(args.init)
+    else:
+        tok = train_toy_tokenizer(texts, args.vocab_size)
+        model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params, vocab {len(tok)}", flush=True)
 
@@ -349,10 +405,14 @@ def pretrain(args: PretrainArgs) -> Result:
 
     def examples():
         for prob in stream:
+            # (no draw at copy_frac 0: the committed base's example stream is unchanged)
+            if args.copy_frac and data_rng.random() < args.copy_frac:
+                yield encode(tok, template, scramble(prob, data_rng), "full", args.partial_ratio)
+                continue
             view = data_rng.choices(VIEWS, weights=args.mix)[0]
             yield encode(tok, template, prob, view, args.partial_ratio)
 
-    batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=256)
+    batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=POOL)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -435,3 +495,25 @@ def pretrain(args: PretrainArgs) -> Result:
         flush=True,
     )
     return Result(model, tok, report)
+
+
+def record_views(out: str | Path, threads: int = 2) -> dict[str, float]:
+    """Recompute :func:`view_divergence` for the model in ``out`` and write it as ``views`` into its
+    ``pretrain.json``; the figures are returned.
+
+    For a base pretrained before a figure was added: its recorded ``args`` (``splits``, ``kl_limit``,
+    ``partial_ratio``) choose the same problems the run measured, and nothing else in the report or
+    the model changes.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    report = json.loads((out / "pretrain.json").read_text())
+    a = report["args"]
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    problems = read_split(Path(resolve(a["splits"])) / "test.jsonl")[: a["kl_limit"] or None]
+    report["views"] = view_divergence(model, tok, TOY_TEMPLATE, problems, a["partial_ratio"])
+    (out / "pretrain.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report["views"]
+
