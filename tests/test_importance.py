@@ -100,5 +100,5 @@ def test_importance_cap_option_is_checked_before_any_model_loads(tiny_path):
 
     with pytest.raises(ValueError, match="importance_cap must be a finite number > 0"):
         PrivilegedDistillation(student=tiny_path, importance_cap=0.0)
-    with pytest.raises(ValueError, match="importance_cap: the engine HFGenerate does not keep"):
+    with pytest.raises(ValueError, match="importance_cap: the engine LeanDecode does not keep"):
         PrivilegedDistillation(student=tiny_path, importance_cap=2.0)
