@@ -21,6 +21,9 @@ SUPPORT_MEANS = [f"^diag/support_mismatch/{view}/mean$" for view in ("full", "pa
 SUPPORT_GAP = [r"^diag/support_gap/pos_\d+_(\d+|inf)$"]
 QUARTILES = [f"^diag/reliability/mismatch_ctx_q{q}$" for q in range(1, 5)]
 SHORTCUTS = ["^diag/shortcut/events_per_1k$", "^diag/early_answer_rate$"]
+# Logged by the module when they exist: the gap with an engine that keeps its log-probs (vLLM), the
+# staleness with generation windows.
+ROLLOUTS = ["^diag/rollout_logprob_gap$", "^train/rollout_staleness$"]
 ALL_ACCURACIES = [r"^val/[^/]+/accuracy$"]  # every benchmark and val/average
 
 
@@ -45,6 +48,9 @@ def layout(benchmarks: list[str] = ()) -> dict[str, dict[str, list[Any]]]:
         },
         "shortcuts": {
             "shortcut events per 1k tokens, early-answer rate": ["Multiline", SHORTCUTS],
+        },
+        "rollouts": {
+            "trainer–sampler log-prob gap, rollout staleness": ["Multiline", ROLLOUTS],
         },
         "validation": val,
     }

@@ -28,6 +28,7 @@ WRITTEN = (
        "diag/early_answer_rate"]
     + ["val/toy/accuracy", "val/toy/acc_len_0_256", "val/toy/acc_len_1024_inf", "val/toy/count_len_0_256",
        "val/math500/accuracy", "val/math500/acc_len_256_512", "val/average/accuracy", "train/loss"]
+    + ["diag/rollout_logprob_gap", "train/rollout_staleness", "train/completion_len"]
 )
 
 EXPECTED_CHARTS = {
@@ -39,6 +40,8 @@ EXPECTED_CHARTS = {
         [f"diag/reliability/mismatch_ctx_q{q}" for q in range(1, 5)],
     ("shortcuts", "shortcut events per 1k tokens, early-answer rate"):
         ["diag/shortcut/events_per_1k", "diag/early_answer_rate"],
+    ("rollouts", "trainer–sampler log-prob gap, rollout staleness"):
+        ["diag/rollout_logprob_gap", "train/rollout_staleness"],
     ("validation", "accuracy, all benchmarks"): ["val/toy/accuracy", "val/math500/accuracy", "val/average/accuracy"],
     ("validation", "toy: accuracy and by response length"):
         ["val/toy/accuracy", "val/toy/acc_len_0_256", "val/toy/acc_len_1024_inf"],
