@@ -257,3 +257,39 @@ def test_a_lora_student_is_synced_merged(toy):
     assert sum(x != y for x, y in zip(want, base)) >= 6  # the adapter changes greedy outputs
     engine = VLLMEngine(kv_cache_gib=0.25)
     assert _rows(_rollout(engine, student, toy, greedy)) == want
+
+
+@needs_vllm
+def test_the_merged_lora_export_loads_in_vllm(toy, tmp_path, monkeypatch):
+    """`aropd-merge`'s folder is a plain model to vLLM: loaded from disk, it decodes the adapted student's tokens."""
+    import dataclasses
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process, as VLLMEngine runs it
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    from aropd.lora import LoRA, STUDENT_ADAPTER, adapter_parameters, add_lora, export_merged, is_adapter_key
+    from aropd.vllm_engine import _own_rng_and_threads
+
+    model, _, pad_id, ids, mask = toy
+    lora = LoRA(rank=8, alpha=16)
+    student = add_lora(copy.deepcopy(model), lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapter_parameters(student, STUDENT_ADAPTER):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    student.eval()
+    # What a LoRA run's checkpoint holds: the options and the adapter weights, not the base.
+    ckpt = tmp_path / "lora.ckpt"
+    torch.save({"hyper_parameters": {"student": TOY_BASE, "dtype": "float32", "lora": dataclasses.asdict(lora)},
+                "state_dict": {f"student.{k}": v for k, v in student.state_dict().items() if is_adapter_key(k)}}, ckpt)
+    folder = export_merged(ckpt, tmp_path / "merged")
+    greedy = SamplingConfig(max_new_tokens=24, temperature=0.0)
+    with torch.no_grad():  # no EOS: every row decodes all 24 tokens in both
+        want = HFGenerate().generate(student, ids, mask, greedy, [], pad_id).completion_ids.tolist()
+    with _own_rng_and_threads():
+        llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, seed=0, kv_cache_memory_bytes=2**28,
+                  enable_chunked_prefill=False, max_num_batched_tokens=8192)
+    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
