@@ -16,7 +16,9 @@ the student that sets the EOS logit from the position of the token being predict
 −inf elsewhere. vLLM does not run the student's forward, so it runs ``equal`` only, by being given no
 EOS id to stop at (its tokens per step are the same work; the sampled tokens differ). Short rows have prompts of a length that reaches that position after 10 % of the budget;
 long rows have longer prompts that are already past it. Everything else is the model's own sampling
-(temperature 1), so the decoding work is real.
+(temperature 1), so the decoding work is real. The hook also means ``lean`` here decodes through the
+model's forward: a hooked model does not get LeanDecode's compact step (``aropd.compact``), whose
+speed-up ``scripts/bench_step.py --vs-trl`` measures.
 
 ``tok/s`` = completion tokens (up to and including EOS) / rollout seconds. ``step s`` = one window —
 the rollout of G prompts plus, per micro-batch, ``training_step`` (teacher scoring of both views,
