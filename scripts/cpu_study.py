@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The CPU method study: Base, SFT, Full OPD, Partial OPD, AR-OPD (λ ∈ {0.6, 0.8, 1.2}) and the two
-privilege controls from one base model, the same step budget and several seeds each; one markdown table.
+"""The CPU method study: Base, SFT, Full OPD, Partial OPD, AR-OPD (λ ∈ {0.6, 0.8, 1.2}; clips 1, 2, 5
+at λ = 1) and the two privilege controls from one base model, the same step budget and several seeds
+each; one markdown table.
 
     python scripts/cpu_study.py [--model aropd/assets/toy-base] [--seeds 0 1 2] [--steps N]
                                 [--root runs/cpu_study] [--val-limit 128] [--test-size 1000] [--quick]

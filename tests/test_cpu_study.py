@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LABELS = {"base": "Base", "sft": "SFT", "full_opd": "Full OPD", "partial_opd": "Partial OPD",
           "ar_opd_lam0.6": "AR-OPD λ=0.6", "ar_opd_lam0.8": "AR-OPD λ=0.8", "ar_opd_lam1.2": "AR-OPD λ=1.2",
+          "ar_opd_lam1_clip1": "AR-OPD λ=1, c=1", "ar_opd_lam1_clip2": "AR-OPD λ=1, c=2",
+          "ar_opd_lam1_clip5": "AR-OPD λ=1, c=5",
           "no_trace": "No trace (control)", "shuffled_trace": "Shuffled trace (control)"}
 NO_ROLLOUT = {"base", "sft"}
 CELL = re.compile(r"^(-?\d+(?:\.\d+)?(?:e[-+]\d+)?) ± (\d+(?:\.\d+)?(?:e[-+]\d+)?)$")
@@ -125,6 +127,13 @@ def test_quick_study_table_matches_the_runs(study):
         cfg = yaml.safe_load((root / name / "seed0" / "config.yaml").read_text())
         assert cfg["data"]["init_args"]["teacher_trace"] == trace
         assert cfg["model"]["init_args"]["target"]["init_args"]["lam"] == 0.8
+
+    # the clip sweep: λ = 1 with each clip, saved as trained
+    for clip in (1, 2, 5):
+        target = yaml.safe_load((root / f"ar_opd_lam1_clip{clip}" / "seed0" / "config.yaml").read_text())
+        target = target["model"]["init_args"]["target"]
+        assert target["class_path"].endswith("AnchoredResidual")
+        assert (target["init_args"]["lam"], target["init_args"]["clip"]) == (1.0, float(clip))
 
     # the paired comparisons, recomputed from the runs' per-problem rows
     header, pairs = parse_table(table[table.index("Paired per-problem"):])

@@ -55,6 +55,9 @@ TOY_BASE = "aropd/assets/toy-base"
 TINY = "aropd/assets/tiny-llama"
 TEST_DATA = "aropd/assets/toy/test.jsonl"
 LAMBDAS = (0.6, 0.8, 1.2)
+# λ = 1 is the full view's own log-probs except where the clip bites (unclipped it is Full OPD, whose
+# row is there), so these rows isolate what the clip does.
+CLIPS = (1.0, 2.0, 5.0)
 BENCH = "toy"
 SHORTCUT_TAG = "diag/shortcut/events_per_1k"
 EARLY_TAG = "diag/early_answer_rate"
@@ -97,6 +100,10 @@ def methods() -> list[Method]:
     for lam in LAMBDAS:
         out.append(Method(f"ar_opd_lam{lam}", f"AR-OPD λ={lam}", (m + "ar_opd.yaml",),
                           {"model.init_args.target.init_args.lam": str(lam)}))
+    for clip in CLIPS:
+        out.append(Method(f"ar_opd_lam1_clip{clip:g}", f"AR-OPD λ=1, c={clip:g}", (m + "ar_opd.yaml",),
+                          {"model.init_args.target.init_args.lam": "1.0",
+                           "model.init_args.target.init_args.clip": str(clip)}))
     # The privilege controls (docs/method.md): AR-OPD λ=0.8 whose teacher sees no trace (plain
     # self-distillation) or another problem's trace. An AR-OPD gain that survives them is not hindsight.
     lam = {"model.init_args.target.init_args.lam": str(CONTROL_LAM)}
