@@ -254,17 +254,17 @@ class _RoomyLayer(_DynamicLayer):
         self.keys, self.values = self._kbuf[..., : self._length, :], self._vbuf[..., : self._length, :]
 
 
-def _decode_mask_4d(model: torch.nn.Module | None, prompt_mask: torch.Tensor, budget: int) -> torch.Tensor | None:
-    """``[B, 1, 1, Lp + budget]`` bool (True = attend) for one-token decode steps, or None where the
-    model would not take it as SDPA's mask as it is (other attention kernels, transformers 4.x);
-    ``model=None``: the mask regardless."""
+def _takes_4d_mask(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes a 4D boolean mask as SDPA's mask as it is (not with other attention
+    kernels, nor on transformers 4.x)."""
     import transformers
 
     config = getattr(model, "config", None)
-    if model is not None and (
-        int(transformers.__version__.split(".")[0]) < 5 or getattr(config, "_attn_implementation", None) != "sdpa"
-    ):
-        return None
+    return int(transformers.__version__.split(".")[0]) >= 5 and getattr(config, "_attn_implementation", None) == "sdpa"
+
+
+def _decode_mask_4d(prompt_mask: torch.Tensor, budget: int) -> torch.Tensor:
+    """``[B, 1, 1, Lp + budget]`` bool (True = attend) for one-token decode steps."""
     full = torch.ones((prompt_mask.shape[0], 1, 1, prompt_mask.shape[1] + budget), dtype=torch.bool,
                       device=prompt_mask.device)
     full[:, 0, 0, : prompt_mask.shape[1]] = prompt_mask.bool()
@@ -342,15 +342,13 @@ class LeanDecode(RolloutEngine):
         # Decode steps attend to every cached position but the prompt's padding. With SDPA (transformers
         # 5 takes a 4D mask as it is) that mask is a view of one boolean buffer instead of a 2D mask
         # grown and expanded to 4D by the model at every step.
-        roomy = all(isinstance(layer, _RoomyLayer) for layer in getattr(cache, "layers", [None]))
         # (a sliding-window layer holds fewer keys than positions: the model builds its masks itself)
-        full = _decode_mask_4d(model, mask, budget) if roomy else None
+        roomy = all(isinstance(layer, _RoomyLayer) for layer in getattr(cache, "layers", [None]))
         step = self._compact_step(model, cache, n, prompt_ids.shape[1] + budget, synced, roomy)
-        if step is not None and full is None:  # the step's own mask, in the same layout
-            full = _decode_mask_4d(None, mask, budget)
+        full = _decode_mask_4d(mask, budget) if step is not None or (roomy and _takes_4d_mask(model)) else None
+        logits = out.logits[:, -1]
         width = 0
         for t in range(budget):
-            logits = out.logits[:, -1]
             tok = pick_tokens(logits, sampling, warpers)
             if dummy:
                 local_unfinished, keep = False, None
@@ -382,12 +380,12 @@ class LeanDecode(RolloutEngine):
                 mask = step_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             position = position + 1
             if step is not None:
-                out = _Logits(step(tok, position, step_mask)[:, None])
+                logits = step(tok, position, step_mask)
             else:
-                out = model(
+                logits = model(
                     input_ids=tok[:, None], attention_mask=step_mask, position_ids=position,
                     use_cache=True, logits_to_keep=1, **{cache_arg: cache},
-                )
+                ).logits[:, -1]
         completion = tokens[:, : max(width, 1)]
         cmask = completion_mask(completion, eos_ids)
         completion = completion.masked_fill(cmask == 0, pad_id)
@@ -411,10 +409,6 @@ class LeanDecode(RolloutEngine):
                 log.info("LeanDecode: decoding with the model's forward (%s)", why)
             return None
         return CompactStep(model, cache, rows)
-
-
-class _Logits(NamedTuple):
-    logits: torch.Tensor
 
 
 # ---- generation windows: one generate call for several micro-batches ----------------------------
