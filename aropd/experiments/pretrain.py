@@ -30,7 +30,7 @@ Two options, off by default, aim at a full view that copies: ``copy_frac`` (a co
 full-view examples whose shown trace has random results, so only copying predicts them) and
 ``init`` (continue from a pretrained folder). :func:`view_divergence` measures the outcome (the copy
 figures, ``copy_nll_ratio_hidden`` and ``kl_hidden_to_shown_ratio``); docs/cpu_study.md has the
-numbers of short continued runs and of four from-scratch runs (a copy skill forms, but on real
+numbers of short continued runs and of five from-scratch runs (a copy skill forms, but on real
 traces the model still computes).
 """
 
