@@ -7,19 +7,14 @@ from aropd.divergences import forward_kl
 from aropd.loss import distillation_loss
 from aropd.targets import AnchoredResidual
 from aropd.types import TeacherScores
+from loss_cases import loss_inputs
 
 B, T, H, V = 3, 9, 8, 20
 CAP = 1.5
 
 
 def _case():
-    g = torch.Generator().manual_seed(3)
-    torch.manual_seed(3)
-    student_h = torch.randn(B, T, H, generator=g)
-    teacher_h = torch.randn(2 * B, T, H, generator=g)
-    s_head, t_head = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False)
-    t_head.requires_grad_(False)
-    ids = torch.randint(0, V, (B, T), generator=g)
+    g, student_h, teacher_h, s_head, t_head, ids = loss_inputs(B, T, H, V, seed=3)
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 5:] = 0
     with torch.no_grad():

@@ -10,6 +10,7 @@ from aropd import diagnostics as D
 from aropd.loss import Probes, _chunks, distillation_loss, sequence_weights, sft_loss
 from aropd.targets import AnchoredResidual, FullView, PartialView
 from aropd.types import TeacherScores
+from loss_cases import loss_inputs
 
 B, T, H, V = 3, 10, 8, 20
 EVERY = Probes(sampled=True, shift=True, residual=True, support_top_p=0.9)
@@ -20,13 +21,7 @@ def _scores(teacher_h):
 
 
 def _setup(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    student_h = torch.randn(B, T, H, generator=g)
-    teacher_h = torch.randn(2 * B, T, H, generator=g)
-    s_head, t_head = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False)
-    t_head.requires_grad_(False)
-    ids = torch.randint(0, V, (B, T), generator=g)
+    _, student_h, teacher_h, s_head, t_head, ids = loss_inputs(B, T, H, V, seed)
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 4:] = 0  # short completion
     mask[2, :] = 0  # an all-padding row carries no loss
