@@ -20,7 +20,8 @@ class TeacherReliability(DiagnosticCallback):
     full view's support mismatch averaged over the rollout's completion tokens. Over the most recent
     ``window`` rollouts (all ranks): ``diag/reliability/mismatch_ctx_q1`` … ``_q4`` (mean mismatch in
     each quartile of ``L``, by rank, q1 the shortest contexts) and ``diag/reliability/spearman_ctx``
-    (Spearman ρ between ``L`` and the mismatch; left out while undefined, e.g. all ``L`` equal).
+    (Spearman ρ between ``L`` and the mismatch). Both are left out while every ``L`` in the window is
+    equal (the no-trace control), where they would mean nothing.
     Over the steps since the last write (token means, all ranks): ``diag/privileged_shift``
     (``KL(q_F ‖ q_P)``) and ``diag/residual_clip_frac`` (``q_F`` mass on clipped entries); and the
     histogram ``hist/residual`` of the clipped residual ``clamp(ℓ_F − ℓ_P, ±c)`` at the sampled
@@ -94,7 +95,9 @@ class TeacherReliability(DiagnosticCallback):
             if trainer.is_global_zero:
                 samples = samples[samples[:, 2] > 0, :2]
                 self._window = torch.cat([self._window, samples])[-self.window :]
-        if trainer.is_global_zero and len(self._window) >= 4:
+        # With every L equal (a teacher that sees no trace) the quartiles would split ties by arrival
+        # order: numbers with no meaning, so they are left out, as the undefined correlation is.
+        if trainer.is_global_zero and len(self._window) >= 4 and self._window[:, 0].unique().numel() > 1:
             length, mismatch = self._window[:, 0], self._window[:, 1]
             for q, value in enumerate(D.quartile_means(length, mismatch).tolist(), start=1):
                 metrics[f"diag/reliability/mismatch_ctx_q{q}"] = value

@@ -193,6 +193,18 @@ def test_teacher_reliability_quartiles_spearman_shift_and_clip():
     assert m["diag/residual_clip_frac"] == pytest.approx(0.25)
 
 
+def test_teacher_reliability_leaves_out_quartiles_when_no_view_has_privilege():
+    # The no-trace control: both views are the student prompt, so every L is 0; the shift still counts.
+    B, T = 8, 3
+    mm = torch.stack([torch.rand(B, T, generator=torch.Generator().manual_seed(0)), torch.zeros(B, T), torch.zeros(B, T)])
+    rec = record(B=B, T=T, mismatch=mm, privileged_len=torch.zeros(B), shift=torch.full((B, T), 0.2))
+    log = Recorder()
+    step(TeacherReliability(), fake_trainer([log]), rec)
+    m = log.last()
+    assert not [k for k in m if k.startswith("diag/reliability/")]
+    assert m["diag/privileged_shift"] == pytest.approx(0.2)
+
+
 def test_callbacks_write_nothing_on_a_nonzero_rank(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
