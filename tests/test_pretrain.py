@@ -175,6 +175,23 @@ def test_copy_figures_match_a_naive_per_position_loop(tiny_run):
         (sums[("kl", "hidden")] / n["hidden"]) / (sums[("kl", "shown")] / n["shown"]), rel=1e-4)
 
 
+def test_probes_leave_the_weights_alone_and_log_each_probed_models_figures(tiny_run, tmp_path):
+    root, _ = tiny_run
+    short = {**TINY, "steps": 3, "eval_limit": 2, "kl_limit": 2, "splits": str(root / "toy")}
+    pb.pretrain(PretrainArgs(**short, out=str(tmp_path / "a"), seed=3))
+    probed = pb.pretrain(PretrainArgs(**short, out=str(tmp_path / "b"), seed=3, probe_every=3, probe_size=4))
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    # The last step is probed: its figures are the final model's on the short val problems.
+    (entry,) = [e for e in probed.report["log"] if "probe_accuracy" in e]
+    assert entry["step"] == 3
+    probe = [p for p in read_split(root / "toy" / "val.jsonl") if len(p["reasoning"]) < 200][:4]
+    views = pb.view_divergence(probed.model, probed.tokenizer, TOY_TEMPLATE, probe, 0.5)
+    assert entry["probe_copy_ratio"] == pytest.approx(views["copy_nll_ratio_hidden"], rel=1e-6)
+    assert entry["probe_kl_ratio"] == pytest.approx(views["kl_hidden_to_shown_ratio"], rel=1e-6)
+    acc = pb.greedy_accuracy(probed.model, probed.tokenizer, TOY_TEMPLATE, probe, TINY["eval_batch"])
+    assert entry["probe_accuracy"] == acc["accuracy"]
+
+
 def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
     """copy_frac 0 is the plain run (bit for bit, as the committed base needs); copy_frac > 0 changes the
     data; init continues from a saved model with its tokenizer."""

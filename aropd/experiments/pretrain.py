@@ -127,7 +127,8 @@ class PretrainArgs:
     eval_batch: int = 16
     """Problems per greedy-generation batch."""
     probe_every: int = 0
-    """Greedy accuracy on ``probe_size`` short val problems every this many steps (0: never)."""
+    """Greedy accuracy and the copy figures (``copy_nll_ratio_hidden``, ``kl_hidden_to_shown_ratio``)
+    on ``probe_size`` short val problems every this many steps (0: never)."""
     probe_size: int = 32
     """Short val problems of each probe."""
 
@@ -441,15 +442,22 @@ def pretrain(args: PretrainArgs) -> Result:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
+        probing = args.probe_every and (step + 1) % args.probe_every == 0
+        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps or probing:  # probes land on their step
             recent = sum(losses[-args.log_every :]) / len(losses[-args.log_every :])
             log.append({"step": step + 1, "loss": round(recent, 4), "seconds": round(time.time() - t_train, 1)})
             print(f"step {step + 1}/{args.steps} loss {recent:.4f} lr {lr_at(step):.2e} "
                   f"examples {examples_seen} {time.time() - t_train:.0f}s", flush=True)
-        if args.probe_every and (step + 1) % args.probe_every == 0:
+        if probing:
             acc = greedy_accuracy(model, tok, template, probe, args.eval_batch)
-            log[-1]["probe_accuracy"] = acc["accuracy"]
-            print(f"  probe accuracy {acc['accuracy']:.3f} on {len(probe)} short val problems", flush=True)
+            # The copy ratio moves with the arithmetic (the full view copies only while the chain is
+            # not yet computed), so the probe tracks both to show where a run crosses the band.
+            views = view_divergence(model, tok, template, probe, args.partial_ratio)
+            log[-1].update(probe_accuracy=acc["accuracy"], probe_copy_ratio=views["copy_nll_ratio_hidden"],
+                           probe_kl_ratio=views["kl_hidden_to_shown_ratio"])
+            print(f"  probe accuracy {acc['accuracy']:.3f}, copy ratio {views['copy_nll_ratio_hidden']:.3f}, "
+                  f"KL hidden/shown {views['kl_hidden_to_shown_ratio']:.2f} on {len(probe)} short val problems",
+                  flush=True)
             model.train()
     train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
 
