@@ -75,6 +75,29 @@ def close(cell: str, expected: float, fmt: str) -> None:
     assert m.group(1) == f"{expected:{fmt}}", (cell, expected)
 
 
+def chance_note(table: str) -> float:
+    return float(re.search(r"Early-answer chance rate on this task: ([\d.]+)%", table).group(1))
+
+
+def naive_early_chance(path: Path) -> float:
+    """Share of reference solutions whose answer, as a whole number, first occurs in the first half."""
+    from aropd.toy import TOY_TEMPLATE
+
+    rows = [json.loads(ln) for ln in path.read_text().splitlines()]
+    hits = 0
+    for r in rows:
+        text = TOY_TEMPLATE.format_trace(r["reasoning"], r["answer"])
+        for m in re.finditer(r"\d+", text):
+            before = text[m.start() - 1] if m.start() else " "
+            after = text[m.end(): m.end() + 2]
+            whole = not (before.isalnum() or before in "._") and not (after[:1].isalnum() or after[:1] == "_"
+                                                                       or (after[:1] == "." and after[1:2].isdigit()))
+            if whole and m.group() == r["answer"]:
+                hits += m.start() < len(text) / 2
+                break
+    return hits / len(rows)
+
+
 @pytest.mark.slow
 def test_quick_study_table_matches_the_runs(study):
     root, seconds = study
@@ -87,6 +110,9 @@ def test_quick_study_table_matches_the_runs(study):
     m = re.search(r"\[(\d+)–(\d+|inf)\]", bucket_col)
     assert m, bucket_col
     bucket = f"len_{m.group(1)}_{m.group(2)}"
+    gap_header, gap_rows = parse_table(table[table.index("Support gap"):])
+    assert gap_header[:2] == ["Method", "0–256"]
+    assert chance_note(table) == pytest.approx(100 * naive_early_chance(cpu_study.ROOT / "aropd/assets/toy/test.jsonl"), abs=0.05)
 
     for name, label in LABELS.items():
         run_dir = root / name / "seed0"
@@ -102,17 +128,26 @@ def test_quick_study_table_matches_the_runs(study):
         close(cells[2], 100 * toy["accuracy"], ".1f")
         assert toy[f"count_{bucket}"] > 0
         close(cells[3], 100 * toy[f"acc_{bucket}"], ".1f")
+        close(cells[4], toy[f"count_{bucket}"], ".1f")
         if name in NO_ROLLOUT:
-            assert cells[4:] == ["n/a"] * 4, (label, cells)
+            assert cells[5:] == ["n/a"] * 5, (label, cells)
+            assert label not in gap_rows
             continue
         tb = tb_scalars(run_dir)
         assert len(tb["diag/privileged_shift"]) == 4  # one per step
-        close(cells[4], statistics.fmean(tb["diag/shortcut/events_per_1k"]), ".2f")
-        close(cells[5], 100 * statistics.fmean(tb["diag/early_answer_rate"]), ".1f")
+        close(cells[5], statistics.fmean(tb["diag/shortcut/events_per_1k"]), ".2f")
+        if "diag/shortcut/target_prob" in tb:  # written only on steps with events
+            close(cells[6], statistics.fmean(tb["diag/shortcut/target_prob"]), ".3f")
+        else:
+            assert cells[6] == "n/a"
+        close(cells[7], 100 * statistics.fmean(tb["diag/early_answer_rate"]), ".1f")
         shift = tb["diag/privileged_shift"]
         assert all(math.isfinite(s) and s >= 0 for s in shift)
-        close(cells[6], statistics.fmean(shift), ".3g")
-        close(cells[7], shift[0], ".3g")
+        close(cells[8], statistics.fmean(shift), ".3g")
+        close(cells[9], shift[0], ".3g")
+        for col, cell in zip(gap_header[1:], gap_rows[label][1:]):
+            lo, hi = col.split("–")
+            close(cell, statistics.fmean(tb[f"diag/support_gap/pos_{lo}_{hi}"]), ".3f")
 
     # the test split, not the benchmark's default val split
     for name in ("full_opd", "sft"):

@@ -17,9 +17,16 @@ The table (``<root>/table.md``) has, per method, mean ± sample std over seeds o
 - **Toy acc**: ``results.json`` ``benchmarks.toy.accuracy`` (percent);
 - **Long acc**: accuracy on the longest response-length bucket that is non-empty in *every* run
   (``acc_len_<lo>_<hi>``; the bucket is named in the header), so all rows compare the same bucket;
+- **Long n**: responses in that bucket per run (``count_len_<lo>_<hi>``), so a reader sees what the
+  long accuracy rests on;
 - **Shortcut /1k**: ``diag/shortcut/events_per_1k`` from the TensorBoard events, averaged over all
   logged steps of the run (the mean over the run, not the last value);
-- **Early answer**: ``diag/early_answer_rate``, mean over all logged steps of the run (percent);
+- **Target p @shortcut**: ``diag/shortcut/target_prob``, the target's probability of the sampled
+  token on shortcut events (how much hindsight the target passes on), mean over the steps that had
+  events;
+- **Early answer**: ``diag/early_answer_rate``, mean over all logged steps of the run (percent). The
+  note under the table gives the task's chance rate: the same test on the test split's own reference
+  solutions, which reach their answers honestly (:func:`early_answer_chance`);
 - **Priv. shift**: ``diag/privileged_shift`` (mean KL(q_F ‖ q_P) per token, nats; written by the
   TeacherReliability callback every step), mean over the run;
 - **Shift @1**: ``diag/privileged_shift`` at the first step, where the teacher is still the base
@@ -27,7 +34,10 @@ The table (``<root>/table.md``) has, per method, mean ± sample std over seeds o
 
 SFT has no rollout and no teacher, Base no training: their diagnostic columns are ``n/a``.
 
-Under it, for each pair of :data:`PAIRS` (A, B) with finished runs, a paired comparison on the
+A second table gives the support gap (``diag/support_gap/pos_<lo>_<hi>``: full-view minus
+partial-view support mismatch) per completion-position bucket, mean over the run and over seeds.
+
+Under them, for each pair of :data:`PAIRS` (A, B) with finished runs, a paired comparison on the
 test problems (``aropd.experiments.tables.paired_comparison``): each problem's score is its mean
 over a method's seeds (from the runs' ``toy.jsonl`` rows), Δ is the difference of accuracies ± its
 paired standard error over problems, and p the exact sign test on the problems each did better on.
@@ -62,6 +72,8 @@ BENCH = "toy"
 SHORTCUT_TAG = "diag/shortcut/events_per_1k"
 EARLY_TAG = "diag/early_answer_rate"
 SHIFT_TAG = "diag/privileged_shift"
+TARGET_PROB_TAG = "diag/shortcut/target_prob"
+GAP_PREFIX = "diag/support_gap/pos_"
 
 
 def default_model() -> str:
@@ -307,10 +319,13 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def run_values(run: StudyRun, bucket: str | None) -> dict[str, float | None]:
     """The table's numbers of one finished run (fractions, not percent)."""
     toy = run.results() or {}
-    out: dict[str, float | None] = {"acc": toy["accuracy"], "long_acc": toy.get(f"acc_{bucket}") if bucket else None}
+    out: dict[str, float | None] = {"acc": toy["accuracy"], "long_acc": toy.get(f"acc_{bucket}") if bucket else None,
+                                    "long_n": toy.get(f"count_{bucket}") if bucket else None}
     tb = scalars(run.dir) if run.method.rollout else {}
     mean = lambda tag: statistics.fmean(v for _, v in tb[tag]) if tb.get(tag) else None  # noqa: E731
     out["shortcut"] = mean(SHORTCUT_TAG)
+    out["target_prob"] = mean(TARGET_PROB_TAG)
+    out.update({tag: mean(tag) for tag in tb if tag.startswith(GAP_PREFIX)})
     out["early"] = mean(EARLY_TAG)
     out["shift"] = mean(SHIFT_TAG)
     out["shift_first"] = tb[SHIFT_TAG][0][1] if tb.get(SHIFT_TAG) else None
@@ -341,7 +356,9 @@ def mean_std(values: list[float | None], scale: float, fmt: str) -> str:
 COLUMNS = [  # key, header, scale, format
     ("acc", "Toy acc (%)", 100.0, ".1f"),
     ("long_acc", "Long acc (%) [{bucket}]", 100.0, ".1f"),
+    ("long_n", "Long n", 1.0, ".1f"),
     ("shortcut", "Shortcut /1k tok", 1.0, ".2f"),
+    ("target_prob", "Target p @shortcut", 1.0, ".3f"),
     ("early", "Early answer (%)", 100.0, ".1f"),
     ("shift", "Priv. shift (nats)", 1.0, ".3g"),
     ("shift_first", "Shift @step 1 (nats)", 1.0, ".3g"),
@@ -361,7 +378,7 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         vals = [run_values(r, bucket) for r in mine]
         cells = [m.label, ",".join(str(r.seed) for r in mine)]
         for key, _, scale, fmt in COLUMNS:
-            diagnostic = key not in ("acc", "long_acc")
+            diagnostic = key not in ("acc", "long_acc", "long_n")
             cells.append("n/a" if diagnostic and not m.rollout else mean_std([v[key] for v in vals], scale, fmt))
         rows.append(cells)
     notes = [
@@ -372,7 +389,14 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         "means over all logged training steps; Shift @step 1 is the first step (teacher = base model). "
         "Base: one greedy validation, no training; SFT: no rollout or teacher, so n/a.",
     ]
+    chance = early_answer_chance(s.test_data)
+    notes.append(f"Early-answer chance rate on this task: {100 * chance:.1f}% (the same test on the test split's "
+                 "reference solutions, which reach their answers honestly).")
     out = markdown(header, rows) + "\n".join(notes) + "\n"
+    gaps = support_gap_table(finished)
+    if gaps:
+        out += ("\nSupport gap (full-view minus partial-view support mismatch, nucleus 0.9) by completion "
+                "position, mean over each run's steps and over seeds:\n\n" + gaps)
     pairs = paired_rows(finished)
     if pairs:
         out += ("\nPaired per-problem comparisons (every run scored on the same test problems): a problem's "
@@ -380,6 +404,35 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
                 "error over problems; p is the exact sign test on the problems each method did better on "
                 "(McNemar's exact test with one seed).\n\n" + paired_table(pairs))
     return out
+
+
+def support_gap_table(finished: list[StudyRun]) -> str:
+    """Markdown table of the support gap per position bucket (the buckets any run logged), per method."""
+    from aropd.buckets import bucket_names
+
+    vals = {r.name: run_values(r, None) for r in finished if r.method.rollout}
+    buckets = [b for b in bucket_names("pos") if any(GAP_PREFIX + b.removeprefix("pos_") in v for v in vals.values())]
+    if not buckets:
+        return ""
+    rows = []
+    for m in methods():
+        mine = [vals[r.name] for r in finished if r.method.name == m.name and r.name in vals]
+        if mine:
+            rows.append([m.label] + [mean_std([v.get(GAP_PREFIX + b.removeprefix("pos_")) for v in mine], 1.0, ".3f")
+                                     for b in buckets])
+    return markdown(["Method"] + [b.removeprefix("pos_").replace("_", "–") for b in buckets], rows)
+
+
+def early_answer_chance(test_data: str) -> float:
+    """Share of the split's reference solutions in which the early-answer test fires: the rate an
+    honest solver shows on this task (a value in the chain equals the answer by coincidence)."""
+    from aropd.diagnostics import early_answer
+    from aropd.paths import resolve
+    from aropd.toy import TOY_TEMPLATE, read_split
+
+    rows = read_split(resolve(test_data))
+    return statistics.fmean(early_answer(TOY_TEMPLATE.format_trace(r["reasoning"], r["answer"]), r["answer"])
+                            for r in rows)
 
 
 def paired_rows(finished: list[StudyRun]) -> list[tuple[str, str, Paired]]:
