@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
     g.add_argument("--init", default=d.init, help="continue from this pretrained model folder (default: from scratch)")
     g.add_argument("--tokenizer-problems", type=int, default=d.tokenizer_problems)
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--steps", type=int, default=d.steps, help="length of the learning-rate schedule")
+    g.add_argument("--stop-at", type=int, default=d.stop_at,
+                   help="stop after this many steps of the schedule (a snapshot of a longer run; default: --steps)")
     g.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="padded tokens per batch")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--warmup", type=int, default=d.warmup)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
     hidden=48, layers=2, heads=2, intermediate=96, vocab_size=320, max_positions=512, min_steps=1, max_steps=3,
     long_frac=0.0, tokenizer_problems=300, steps=120, batch_tokens=2048, lr=1e-2, warmup=10, log_every=20,
-    eval_batch=8, kl_limit=8,
+    eval_batch=8, kl_limit=8, copy_frac=0.0, stop_at=None, probe_every=0,
     # One thread: on a shared 2-core machine two OpenMP threads spin-wait and run several times slower.
     threads=1,
 )
@@ -101,6 +101,8 @@ def test_report_is_written_and_consistent(tiny_run):
     assert saved["seed"] == 3 and saved["args"]["steps"] == 120
     assert saved["params"] == sum(p.numel() for p in result.model.parameters())
     assert saved["test"]["n"] == 12 and 0.0 <= saved["test"]["accuracy"] <= 1.0
+    # Every tiny test problem is within the training step range: the short group is all of them.
+    assert saved["views_by_length"] == {"short": saved["views"]}
     assert sum(b["n"] for b in saved["test"]["by_length"].values()) == 12
     views = saved["views"]
     assert views["kl_full_partial_per_token"] > 0
@@ -179,7 +181,7 @@ def test_probes_leave_the_weights_alone_and_log_each_probed_models_figures(tiny_
     root, _ = tiny_run
     short = {**TINY, "steps": 3, "eval_limit": 2, "kl_limit": 2, "splits": str(root / "toy")}
     pb.pretrain(PretrainArgs(**short, out=str(tmp_path / "a"), seed=3))
-    probed = pb.pretrain(PretrainArgs(**short, out=str(tmp_path / "b"), seed=3, probe_every=3, probe_size=4))
+    probed = pb.pretrain(PretrainArgs(**{**short, "probe_every": 3}, out=str(tmp_path / "b"), seed=3, probe_size=4))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     # The last step is probed: its figures are the final model's on the short val problems.
     (entry,) = [e for e in probed.report["log"] if "probe_accuracy" in e]
@@ -190,6 +192,21 @@ def test_probes_leave_the_weights_alone_and_log_each_probed_models_figures(tiny_
     assert entry["probe_kl_ratio"] == pytest.approx(views["kl_hidden_to_shown_ratio"], rel=1e-6)
     acc = pb.greedy_accuracy(probed.model, probed.tokenizer, TOY_TEMPLATE, probe, TINY["eval_batch"])
     assert entry["probe_accuracy"] == acc["accuracy"]
+
+
+def test_views_by_length_split_at_the_training_step_range(tiny_run):
+    import random
+
+    from aropd.toy import make_problem
+
+    _, result = tiny_run
+    rng = random.Random(1)
+    short, long = [make_problem(rng, 2), make_problem(rng, 3)], [make_problem(rng, 4), make_problem(rng, 6)]
+    got = pb.views_report(result.model, result.tokenizer, [long[0], *short, long[1]], 0.5, max_steps=3)
+    direct = lambda ps: pb.view_divergence(result.model, result.tokenizer, TOY_TEMPLATE, ps, 0.5)  # noqa: E731
+    assert got["views_by_length"]["short"] == pytest.approx(direct(short))
+    assert got["views_by_length"]["long"] == pytest.approx(direct(long))
+    assert got["views"] == pytest.approx(direct([long[0], *short, long[1]]))
 
 
 def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
@@ -212,7 +229,9 @@ def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
     # the continued run's seen problems include those of the run it started from
     assert pb.seen_questions(tiny_run[1].report) <= pb.seen_questions(report)
     with pytest.raises(ValueError, match="copy_frac must be in"):
-        pb.pretrain(PretrainArgs(**short, out=str(tmp_path / "e"), copy_frac=1.0))
+        pb.pretrain(PretrainArgs(**{**short, "copy_frac": 1.0}, out=str(tmp_path / "e")))
+    with pytest.raises(ValueError, match=r"stop_at must be in \[1, steps=4\], got 5"):
+        pb.pretrain(PretrainArgs(**{**short, "stop_at": 5}, out=str(tmp_path / "f")))
 
 
 def test_extract_answer():
@@ -281,12 +300,16 @@ def test_committed_toy_base_copy_figures_reproduce():
     tok = AutoTokenizer.from_pretrained(TOY_BASE)
     model = AutoModelForCausalLM.from_pretrained(TOY_BASE)
     problems = read_split(ROOT / a["splits"] / "test.jsonl")[: a["kl_limit"]]
-    got = pb.view_divergence(model, tok, TOY_TEMPLATE, problems, a["partial_ratio"])
-    assert set(got) == set(report["views"])
+    got = pb.views_report(model, tok, problems, a["partial_ratio"], a["max_steps"])
+    assert set(got["views"]) == set(report["views"]) and set(got["views_by_length"]) == {"short", "long"}
     for key, value in report["views"].items():
-        assert got[key] == pytest.approx(value, rel=1e-5), key
+        assert got["views"][key] == pytest.approx(value, rel=1e-5), key
+    for group, figures in report["views_by_length"].items():
+        assert got["views_by_length"][group] == pytest.approx(figures, rel=1e-5), group
     # This base does not copy: the full view predicts the tokens the partial view hides worse than the
-    # question alone does, and the views disagree only a little more there than elsewhere.
+    # question alone does, and the views disagree only a little more there than elsewhere; on the short
+    # problems the three prompts predict the hidden tokens equally.
     assert report["views"]["copy_nll_ratio_hidden"] > 1
     assert report["views"]["kl_hidden_to_shown_ratio"] < 2
+    assert 0.9 < report["views_by_length"]["short"]["copy_nll_ratio_hidden"] < 1.1
 

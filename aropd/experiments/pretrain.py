@@ -26,12 +26,14 @@ reference trace (its NLL is higher, 0.22 against 0.076 nats on the tokens the pa
 ``copy_nll_ratio_hidden`` 2.9): copying the example trace needs an induction head, which this
 budget does not grow, so the two views differ by what they condition on, not by copying.
 
-Two options, off by default, aim at a full view that copies: ``copy_frac`` (a copy curriculum:
-full-view examples whose shown trace has random results, so only copying predicts them) and
-``init`` (continue from a pretrained folder). :func:`view_divergence` measures the outcome (the copy
-figures, ``copy_nll_ratio_hidden`` and ``kl_hidden_to_shown_ratio``); docs/cpu_study.md has the
-numbers of short continued runs and of five from-scratch runs (a copy skill forms, but on real
-traces the model still computes).
+Options off by default aim at a full view that copies: ``copy_frac`` (a copy curriculum:
+full-view examples whose shown trace has random results, so only copying predicts them), ``init``
+(continue from a pretrained folder) and ``stop_at`` (keep the model a longer schedule has at that
+step: the arithmetic is learnt in a sharp transition, and the full view copies best inside it).
+:func:`views_report` measures the outcome (the copy figures, ``copy_nll_ratio_hidden`` and
+``kl_hidden_to_shown_ratio``, over the test problems and split by length); the probes report them
+during training. docs/cpu_study.md has the numbers of the runs so far (on the problems it was
+trained on, a snapshot inside the transition copies; on long problems it does not yet).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from aropd.data import PrivilegedExample, build_example, pad
 from aropd.divergences import forward_kl
 from aropd.models import train_tiny_tokenizer
 from aropd.paths import resolve
-from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, read_split, scramble
+from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, parse_question, read_split, scramble
 from aropd.views import Budgets, PromptTemplate, partial_view
 
 VIEWS = ("student", "full", "partial")  # the prompt fields of aropd.data.PrivilegedExample
@@ -109,7 +111,11 @@ class PretrainArgs:
     tokenizer_problems: int = 2000
     """Problems the tokenizer is trained on."""
     steps: int = 500
-    """Optimizer steps."""
+    """Length of the learning-rate schedule, in optimizer steps."""
+    stop_at: int | None = None
+    """Stop after this many steps of the ``steps``-long schedule: the model a longer run has at that
+    step, bit for bit (the arithmetic is learnt in a sharp transition, and the band where the base is
+    useful is a few hundred steps wide). None: at ``steps``."""
     batch_tokens: int = 6144
     """Padded tokens per batch."""
     lr: float = 2e-3
@@ -379,6 +385,9 @@ def pretrain(args: PretrainArgs) -> Result:
     """Train, evaluate and save the model, its tokenizer and ``pretrain.json`` in ``args.out``."""
     if not 0.0 <= args.copy_frac < 1.0:
         raise ValueError(f"copy_frac must be in [0, 1), got {args.copy_frac}")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        raise ValueError(f"stop_at must be in [1, steps={args.steps}], got {args.stop_at}")
+    last = args.stop_at or args.steps
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -431,7 +440,7 @@ def pretrain(args: PretrainArgs) -> Result:
     probe = [p for p in splits["val"] if len(p["reasoning"]) < 200][: args.probe_size]
     model.train()
     losses, log, examples_seen, t_train, c_train = [], [], 0, time.time(), time.process_time()
-    for step in range(args.steps):
+    for step in range(last):
         batch = next(batch_iter)
         examples_seen += len(batch)
         for g in opt.param_groups:
@@ -443,7 +452,7 @@ def pretrain(args: PretrainArgs) -> Result:
         opt.step()
         losses.append(loss.item())
         probing = args.probe_every and (step + 1) % args.probe_every == 0
-        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps or probing:  # probes land on their step
+        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == last or probing:  # probes land on their step
             recent = sum(losses[-args.log_every :]) / len(losses[-args.log_every :])
             log.append({"step": step + 1, "loss": round(recent, 4), "seconds": round(time.time() - t_train, 1)})
             print(f"step {step + 1}/{args.steps} loss {recent:.4f} lr {lr_at(step):.2e} "
@@ -465,7 +474,8 @@ def pretrain(args: PretrainArgs) -> Result:
     test = splits["test"][: args.eval_limit or None]
     acc = greedy_accuracy(model, tok, template, test, args.eval_batch)
     acc_seconds = time.time() - t_eval
-    kl = view_divergence(model, tok, template, splits["test"][: args.kl_limit or None], args.partial_ratio)
+    views = views_report(model, tok, splits["test"][: args.kl_limit or None], args.partial_ratio, args.max_steps)
+    kl = views["views"]
     eval_seconds = time.time() - t_eval
     tail = losses[-args.log_every :]
     report = {
@@ -483,7 +493,7 @@ def pretrain(args: PretrainArgs) -> Result:
         "wall_seconds": round(time.time() - t0, 1),
         "cpu_seconds": round(time.process_time(), 1),
         "test": acc,
-        "views": kl,
+        **views,
         "log": log,
         "versions": {
             "torch": torch.__version__,
@@ -506,9 +516,9 @@ def pretrain(args: PretrainArgs) -> Result:
     return Result(model, tok, report)
 
 
-def record_views(out: str | Path, threads: int = 2) -> dict[str, float]:
-    """Recompute :func:`view_divergence` for the model in ``out`` and write it as ``views`` into its
-    ``pretrain.json``; the figures are returned.
+def record_views(out: str | Path, threads: int = 2) -> dict:
+    """Recompute the copy figures (:func:`views_report`: ``views`` and ``views_by_length``) of the model
+    in ``out`` into its ``pretrain.json``; they are returned.
 
     For a base pretrained before a figure was added: its recorded ``args`` (``splits``, ``kl_limit``,
     ``partial_ratio``) choose the same problems the run measured, and nothing else in the report or
@@ -522,7 +532,21 @@ def record_views(out: str | Path, threads: int = 2) -> dict[str, float]:
     a = report["args"]
     model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     problems = read_split(Path(resolve(a["splits"])) / "test.jsonl")[: a["kl_limit"] or None]
-    report["views"] = view_divergence(model, tok, TOY_TEMPLATE, problems, a["partial_ratio"])
+    views = views_report(model, tok, problems, a["partial_ratio"], a["max_steps"])
+    report.update(views)
     (out / "pretrain.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report["views"]
+    return views
+
+
+def views_report(model: Any, tok: Any, problems: list[dict[str, str]], ratio: float, max_steps: int) -> dict:
+    """``views``: :func:`view_divergence` on ``problems``; ``views_by_length``: the same on the problems
+    within the training step range (``short``: at most ``max_steps`` steps) and on the longer ones
+    (``long``), each present when it has problems. The long traces hold most of the tokens of a test
+    split with long problems, and a full view can copy the short ones and not the long, so the
+    overall figures alone would hide either.
+    """
+    steps = lambda p: len(parse_question(p["question"])[1])  # noqa: E731
+    groups = {"short": [p for p in problems if steps(p) <= max_steps], "long": [p for p in problems if steps(p) > max_steps]}
+    return {"views": view_divergence(model, tok, TOY_TEMPLATE, problems, ratio),
+            "views_by_length": {k: view_divergence(model, tok, TOY_TEMPLATE, g, ratio) for k, g in groups.items() if g}}
 
