@@ -368,6 +368,7 @@ COLUMNS = [  # key, header, scale, format
 def make_table(planned: list[StudyRun], s: Study) -> str:
     finished = [r for r in planned if r.results() is not None]
     bucket = longest_common_bucket(finished) if finished else None
+    values = {r.name: run_values(r, bucket) for r in finished}  # one read of each run's events for both tables
     header = ["Method", "Seeds"] + [h.format(bucket=(bucket or "none").removeprefix("len_").replace("_", "–"))
                                     for _, h, _, _ in COLUMNS]
     rows = []
@@ -375,7 +376,7 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         mine = [r for r in finished if r.method.name == m.name]
         if not mine:
             continue
-        vals = [run_values(r, bucket) for r in mine]
+        vals = [values[r.name] for r in mine]
         cells = [m.label, ",".join(str(r.seed) for r in mine)]
         for key, _, scale, fmt in COLUMNS:
             diagnostic = key not in ("acc", "long_acc", "long_n")
@@ -393,7 +394,7 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
     notes.append(f"Early-answer chance rate on this task: {100 * chance:.1f}% (the same test on the test split's "
                  "reference solutions, which reach their answers honestly).")
     out = markdown(header, rows) + "\n".join(notes) + "\n"
-    gaps = support_gap_table(finished)
+    gaps = support_gap_table(finished, values)
     if gaps:
         out += ("\nSupport gap (full-view minus partial-view support mismatch, nucleus 0.9) by completion "
                 "position, mean over each run's steps and over seeds:\n\n" + gaps)
@@ -406,11 +407,12 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
     return out
 
 
-def support_gap_table(finished: list[StudyRun]) -> str:
-    """Markdown table of the support gap per position bucket (the buckets any run logged), per method."""
+def support_gap_table(finished: list[StudyRun], values: dict[str, dict]) -> str:
+    """Markdown table of the support gap per position bucket (the buckets any run logged), per method;
+    ``values`` holds each run's :func:`run_values`."""
     from aropd.buckets import bucket_names
 
-    vals = {r.name: run_values(r, None) for r in finished if r.method.rollout}
+    vals = {r.name: values[r.name] for r in finished if r.method.rollout}
     buckets = [b for b in bucket_names("pos") if any(GAP_PREFIX + b.removeprefix("pos_") in v for v in vals.values())]
     if not buckets:
         return ""
