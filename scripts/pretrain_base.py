@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
     g.add_argument("--partial-ratio", type=float, default=d.partial_ratio)
     g.add_argument("--copy-frac", type=float, default=d.copy_frac,
                    help="share of examples that teach the full view to copy a trace with random results")
+    g.add_argument("--copy-long-frac", type=float, default=d.copy_long_frac,
+                   help="share of the copy examples whose problem has --long-steps steps")
     g.add_argument("--init", default=d.init, help="continue from this pretrained model folder (default: from scratch)")
     g.add_argument("--tokenizer-problems", type=int, default=d.tokenizer_problems)
     g = p.add_argument_group("optimization")
@@ -59,6 +61,10 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
     g.add_argument("--probe-every", type=int, default=d.probe_every,
                    help="greedy accuracy on --probe-size short val problems every N steps")
     g.add_argument("--probe-size", type=int, default=d.probe_size)
+    g.add_argument("--probe-long", type=int, default=d.probe_long,
+                   help="long val problems whose copy ratio each probe also reports")
+    g.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="save the model every N steps in OUT/snapshots/step-N (0: never)")
     p.add_argument("--views-only", action="store_true",
                    help="train nothing: recompute the copy figures of the model in --out into its pretrain.json")
     a = vars(p.parse_args(argv))

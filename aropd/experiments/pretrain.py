@@ -27,9 +27,10 @@ reference trace (its NLL is higher, 0.22 against 0.076 nats on the tokens the pa
 budget does not grow, so the two views differ by what they condition on, not by copying.
 
 Options off by default aim at a full view that copies: ``copy_frac`` (a copy curriculum:
-full-view examples whose shown trace has random results, so only copying predicts them), ``init``
-(continue from a pretrained folder) and ``stop_at`` (keep the model a longer schedule has at that
-step: the arithmetic is learnt in a sharp transition, and the full view copies best inside it).
+full-view examples whose shown trace has random results, so only copying predicts them), with
+``copy_long_frac`` of them long (copying long traces), ``init`` (continue from a pretrained folder),
+``stop_at`` (keep the model a longer schedule has at that step: the arithmetic is learnt in a sharp
+transition, and the full view copies best inside it) and ``snapshot_every`` (save the candidates).
 :func:`views_report` measures the outcome (the copy figures, ``copy_nll_ratio_hidden`` and
 ``kl_hidden_to_shown_ratio``, over the test problems and split by length); the probes report them
 during training. docs/cpu_study.md has the numbers of the runs so far (on the problems it was
@@ -103,6 +104,11 @@ class PretrainArgs:
     prompt whose example trace has random results (``aropd.toy.scramble``: the layout kept, the
     arithmetic not), with that trace + EOS as the target, so only copying the example predicts it;
     the rest follow ``mix``. 0: none (the committed base). In [0, 1)."""
+    copy_long_frac: float = 0.0
+    """Share of the copy examples whose problem has ``long_steps`` steps (drawn apart from the problem
+    stream, from its seed, none a split's question), so the full view also learns to copy traces as
+    long as the long test problems' without taking the student format's budget. 0: the stream's
+    problem, like every other example. In [0, 1]; needs ``copy_frac`` > 0."""
     init: str | None = None
     """A pretrained model folder (with its tokenizer) to continue from; None: a fresh model and
     tokenizer. ``seen_questions`` then also covers the problems of the run that made ``init``."""
@@ -137,6 +143,12 @@ class PretrainArgs:
     on ``probe_size`` short val problems every this many steps (0: never)."""
     probe_size: int = 32
     """Short val problems of each probe."""
+    probe_long: int = 8
+    """Long val problems (more than ``max_steps`` steps) whose copy ratio each probe also reports
+    (``probe_long_copy_ratio``; the short problems' ratio says nothing about the long ones')."""
+    snapshot_every: int = 0
+    """Save the model and tokenizer every this many steps in ``out/snapshots/step-N`` (0: never). Does
+    not change the weights; ``stop_at`` N reproduces a snapshot as a base with its report."""
 
 
 class Result(NamedTuple):
@@ -215,6 +227,29 @@ class ProblemStream:
             p = make_problem(self.rng, self.rng.randint(lo, hi))
             if p["question"] not in self.exclude:
                 yield p
+
+
+def curriculum(
+    stream: Iterator[dict[str, str]], rng: random.Random, args: PretrainArgs, exclude: set[str]
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """The training examples as ``(format, problem)``: a format of ``VIEWS`` drawn by ``mix`` with the
+    stream's next problem, or ``"copy"`` (a ``copy_frac`` share: a full-view example of a scrambled
+    problem, whose trace only copying predicts). A ``copy_long_frac`` share of the copy examples take a
+    problem with ``long_steps`` steps instead of the stream's.
+    """
+    for prob in stream:
+        # (no draw at copy_frac 0: the plain run's example stream is unchanged)
+        if args.copy_frac and rng.random() < args.copy_frac:
+            if args.copy_long_frac and rng.random() < args.copy_long_frac:
+                # Its own draw rather than the stream's next, so the stream (which seen_questions
+                # replays) is unchanged; its scrambled trace teaches nothing about the answer.
+                while True:
+                    prob = make_problem(rng, rng.randint(*args.long_steps))
+                    if prob["question"] not in exclude:
+                        break
+            yield "copy", scramble(prob, rng)
+            continue
+        yield rng.choices(VIEWS, weights=args.mix)[0], prob
 
 
 def seen_questions(report: dict[str, Any]) -> set[str]:
@@ -318,7 +353,6 @@ def _response_logprobs(model: Any, seqs: list[list[int]], starts: list[int], pad
     return [torch.log_softmax(logits[i, st - 1 : len(s) - 1], -1) for i, (s, st) in enumerate(zip(seqs, starts))]
 
 
-@torch.no_grad()
 def view_divergence(
     model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], ratio: float, batch_size: int = 8
 ) -> dict[str, float]:
@@ -338,9 +372,19 @@ def view_divergence(
     * ``kl_hidden_to_shown_ratio``: ``kl_full_partial_hidden_tokens / kl_full_partial_shown_tokens``:
       how much more the two views disagree where only the full view has the trace.
     """
+    return _view_means(_view_sums(model, tok, template, problems, ratio, batch_size))
+
+
+Sums = tuple[dict[str, float], dict[str, int]]  # per-token sums by name and part, token counts by part
+
+
+@torch.no_grad()
+def _view_sums(
+    model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], ratio: float, batch_size: int = 8
+) -> list[Sums]:
+    """Per problem: the sums over its response tokens that :func:`view_divergence` averages."""
     model.eval()
-    sums: dict[str, float] = {}
-    counts = {"all": 0, "hidden": 0, "shown": 0}
+    out: list[Sums] = []
     open_tag = template.trace.split("{reasoning}")[0]
     for s in range(0, len(problems), batch_size):
         chunk = problems[s : s + batch_size]
@@ -358,10 +402,24 @@ def view_divergence(
             offsets = tok(trace, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             cut = len(open_tag) + len(partial_view(p["reasoning"], ratio))
             hidden = torch.tensor([cut <= a < len(open_tag) + len(p["reasoning"]) for a, _ in offsets] + [False])
+            sums, counts = {}, {}
             for part, mask in (("all", torch.ones_like(hidden)), ("hidden", hidden), ("shown", ~hidden)):
-                counts[part] += int(mask.sum())
+                counts[part] = int(mask.sum())
                 for name, values in per_token.items():
-                    sums[f"{name}_{part}"] = sums.get(f"{name}_{part}", 0.0) + values[mask].sum().item()
+                    sums[f"{name}_{part}"] = values[mask].sum().item()
+            out.append((sums, counts))
+    return out
+
+
+def _view_means(per_problem: list[Sums]) -> dict[str, float]:
+    """The figures of :func:`view_divergence` from the per-problem sums of a set of problems."""
+    sums: dict[str, float] = {}
+    counts = {"all": 0, "hidden": 0, "shown": 0}
+    for s, c in per_problem:
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+        for k, v in c.items():
+            counts[k] += v
     mean = {k: v / max(counts[k.rsplit("_", 1)[1]], 1) for k, v in sums.items()}
     # The names of the first version of this report (the committed base's pretrain.json) are kept.
     out = {
@@ -387,6 +445,9 @@ def pretrain(args: PretrainArgs) -> Result:
         raise ValueError(f"copy_frac must be in [0, 1), got {args.copy_frac}")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise ValueError(f"stop_at must be in [1, steps={args.steps}], got {args.stop_at}")
+    if not 0.0 <= args.copy_long_frac <= 1.0 or (args.copy_long_frac and not args.copy_frac):
+        raise ValueError(f"copy_long_frac must be in [0, 1] and needs copy_frac > 0, got {args.copy_long_frac} "
+                         f"with copy_frac {args.copy_frac}")
     last = args.stop_at or args.steps
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -415,13 +476,8 @@ def pretrain(args: PretrainArgs) -> Result:
     data_rng = random.Random(args.seed + 1)
 
     def examples():
-        for prob in stream:
-            # (no draw at copy_frac 0: the committed base's example stream is unchanged)
-            if args.copy_frac and data_rng.random() < args.copy_frac:
-                yield encode(tok, template, scramble(prob, data_rng), "full", args.partial_ratio)
-                continue
-            view = data_rng.choices(VIEWS, weights=args.mix)[0]
-            yield encode(tok, template, prob, view, args.partial_ratio)
+        for kind, prob in curriculum(stream, data_rng, args, exclude):
+            yield encode(tok, template, prob, "full" if kind == "copy" else kind, args.partial_ratio)
 
     batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=POOL)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -438,6 +494,7 @@ def pretrain(args: PretrainArgs) -> Result:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     probe = [p for p in splits["val"] if len(p["reasoning"]) < 200][: args.probe_size]
+    probe_long = [p for p in splits["val"] if n_steps(p) > args.max_steps][: args.probe_long]
     model.train()
     losses, log, examples_seen, t_train, c_train = [], [], 0, time.time(), time.process_time()
     for step in range(last):
@@ -467,7 +524,16 @@ def pretrain(args: PretrainArgs) -> Result:
             print(f"  probe accuracy {acc['accuracy']:.3f}, copy ratio {views['copy_nll_ratio_hidden']:.3f}, "
                   f"KL hidden/shown {views['kl_hidden_to_shown_ratio']:.2f} on {len(probe)} short val problems",
                   flush=True)
+            if probe_long:
+                long_views = view_divergence(model, tok, template, probe_long, args.partial_ratio)
+                log[-1].update(probe_long_copy_ratio=long_views["copy_nll_ratio_hidden"])
+                print(f"  copy ratio {long_views['copy_nll_ratio_hidden']:.3f} on {len(probe_long)} long val problems",
+                      flush=True)
             model.train()
+        if args.snapshot_every and (step + 1) % args.snapshot_every == 0:
+            snap = Path(args.out) / "snapshots" / f"step-{step + 1}"
+            model.save_pretrained(snap)
+            tok.save_pretrained(snap)
     train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
 
     t_eval = time.time()
@@ -545,8 +611,12 @@ def views_report(model: Any, tok: Any, problems: list[dict[str, str]], ratio: fl
     split with long problems, and a full view can copy the short ones and not the long, so the
     overall figures alone would hide either.
     """
-    steps = lambda p: len(parse_question(p["question"])[1])  # noqa: E731
-    groups = {"short": [p for p in problems if steps(p) <= max_steps], "long": [p for p in problems if steps(p) > max_steps]}
-    return {"views": view_divergence(model, tok, TOY_TEMPLATE, problems, ratio),
-            "views_by_length": {k: view_divergence(model, tok, TOY_TEMPLATE, g, ratio) for k, g in groups.items() if g}}
+    per_problem = _view_sums(model, tok, TOY_TEMPLATE, problems, ratio)
+    short = [n_steps(p) <= max_steps for p in problems]
+    groups = {"short": [x for x, k in zip(per_problem, short) if k], "long": [x for x, k in zip(per_problem, short) if not k]}
+    return {"views": _view_means(per_problem), "views_by_length": {k: _view_means(g) for k, g in groups.items() if g}}
 
+
+def n_steps(problem: dict[str, str]) -> int:
+    """The number of steps of a toy problem (read from its question)."""
+    return len(parse_question(problem["question"])[1])
