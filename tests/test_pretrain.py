@@ -240,6 +240,8 @@ def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
         pb.pretrain(PretrainArgs(**{**short, "stop_at": 5}, out=str(tmp_path / "f")))
     with pytest.raises(ValueError, match="copy_long_frac must be in .* needs copy_frac > 0, got 0.5 with copy_frac 0.0"):
         pb.pretrain(PretrainArgs(**{**short, "copy_long_frac": 0.5}, out=str(tmp_path / "g")))
+    with pytest.raises(ValueError, match="snapshot_every must be >= 0"):
+        pb.pretrain(PretrainArgs(**{**short, "snapshot_every": -1}, out=str(tmp_path / "h")))
 
 
 def test_snapshots_are_the_models_that_stop_at_gives(tiny_run, tmp_path):

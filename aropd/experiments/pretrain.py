@@ -448,6 +448,9 @@ def pretrain(args: PretrainArgs) -> Result:
     if not 0.0 <= args.copy_long_frac <= 1.0 or (args.copy_long_frac and not args.copy_frac):
         raise ValueError(f"copy_long_frac must be in [0, 1] and needs copy_frac > 0, got {args.copy_long_frac} "
                          f"with copy_frac {args.copy_frac}")
+    for name in ("probe_every", "snapshot_every", "probe_long"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(args, name)}")
     last = args.stop_at or args.steps
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
