@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,12 +75,15 @@ def child(model: str, mode: str, steps: int, teacher: str, out: str) -> None:
              "--model.init_args.sampling.temperature", "0", "--model.init_args.teacher", teacher,
              "--trainer.callbacks", "[]", "--trainer.callbacks+=bench_lora.StepTimer",
              "--trainer.callbacks.out", str(root / "times.json")]
-    main(args)
-    figures = json.loads((root / "times.json").read_text())
-    ckpt = root / "checkpoints" / "last.ckpt"
-    figures.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   ckpt_mb=ckpt.stat().st_size / 2**20)
-    Path(out).write_text(json.dumps(figures))
+    try:
+        main(args)
+        figures = json.loads((root / "times.json").read_text())
+        ckpt = root / "checkpoints" / "last.ckpt"
+        figures.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       ckpt_mb=ckpt.stat().st_size / 2**20)
+        Path(out).write_text(json.dumps(figures))
+    finally:  # a full fine-tune's last.ckpt is GBs; only its size is a figure
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run(model: str, mode: str, steps: int, warmup: int, teacher: str) -> dict:

