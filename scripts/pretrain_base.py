@@ -4,7 +4,7 @@ tokenizer on the toy task, with its test accuracy and KL(q_full || q_partial) in
 
     python scripts/pretrain_base.py --out aropd/assets/toy-base
 
-With no arguments it reproduces the committed ``aropd/assets/toy-base`` (about 8 minutes on two cores).
+With no arguments it reproduces the committed ``aropd/assets/toy-base`` (about 35 minutes on one core).
 ``--views-only`` trains nothing: it recomputes the copy figures (``views``) of the model already in
 ``--out`` into its ``pretrain.json``, on the problems its recorded args name.
 """

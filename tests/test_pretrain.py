@@ -216,8 +216,8 @@ def test_views_by_length_split_at_the_training_step_range(tiny_run):
 
 
 def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
-    """copy_frac 0 is the plain run (bit for bit, as the committed base needs); copy_frac > 0 changes the
-    data; init continues from a saved model with its tokenizer."""
+    """copy_frac 0 is the run without a copy curriculum, bit for bit; copy_frac > 0 changes the data; init
+    continues from a saved model with its tokenizer."""
     root, _ = tiny_run
     short = {**TINY, "steps": 4, "eval_limit": 2, "kl_limit": 2, "splits": str(root / "toy")}
 
@@ -309,11 +309,13 @@ def test_committed_toy_base_meets_the_bar_and_is_the_scripts_default_output():
     assert 0.20 <= report["test"]["accuracy"] <= 0.60 and report["test"]["n"] == 128
     assert report["params"] <= 10_000_000
     assert sum(f.stat().st_size for f in TOY_BASE.iterdir()) < 20e6
-    assert report["threads"] == 2 and report["wall_seconds"] <= 15 * 60
-    # The teacher views really differ on the base model, more where the partial view hides the trace.
-    views = report["views"]
-    assert views["kl_full_partial_per_token"] > 0.05
-    assert views["kl_full_partial_hidden_tokens"] > views["kl_full_partial_shown_tokens"]
+    # An artifact pretrained once: up to an hour of one CPU thread.
+    assert report["threads"] == 1 and report["wall_seconds"] <= 60 * 60
+    # The teacher views really differ on the base model; on the short problems (the ones the full view
+    # copies) more where the partial view hides the trace than where it shows it.
+    assert report["views"]["kl_full_partial_per_token"] > 0.05
+    short = report["views_by_length"]["short"]
+    assert short["kl_full_partial_hidden_tokens"] > short["kl_full_partial_shown_tokens"]
     # Made by `python scripts/pretrain_base.py` with no arguments: PretrainArgs' defaults reproduce it.
     defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(PretrainArgs()).items()}
     assert report["args"] == defaults
@@ -345,8 +347,7 @@ def test_committed_toy_base_reproduces_its_reported_accuracy():
 
 @pytest.mark.slow
 def test_committed_toy_base_copy_figures_reproduce():
-    """The copy figures in the committed pretrain.json are what view_divergence finds on that model now
-    (``scripts/pretrain_base.py --views-only`` wrote the ones added after it was pretrained)."""
+    """The copy figures in the committed pretrain.json are what view_divergence finds on that model now."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     report = _report()
@@ -360,10 +361,13 @@ def test_committed_toy_base_copy_figures_reproduce():
         assert got["views"][key] == pytest.approx(value, rel=1e-5), key
     for group, figures in report["views_by_length"].items():
         assert got["views_by_length"][group] == pytest.approx(figures, rel=1e-5), group
-    # This base does not copy: the full view predicts the tokens the partial view hides worse than the
-    # question alone does, and the views disagree only a little more there than elsewhere; on the short
-    # problems the three prompts predict the hidden tokens equally.
-    assert report["views"]["copy_nll_ratio_hidden"] > 1
-    assert report["views"]["kl_hidden_to_shown_ratio"] < 2
-    assert 0.9 < report["views_by_length"]["short"]["copy_nll_ratio_hidden"] < 1.1
-
+    # This base's full view copies the example trace on the short problems (the step range it was
+    # trained on): it predicts the tokens the partial view hides far better than the question alone
+    # (the bar: at most half the student's NLL; measured 0.004) and the views disagree more there than
+    # on the shown tokens. On the long problems it does not copy: there its full view is worse than the
+    # question alone (ratio ~10), and over all tokens too, since the long traces hold most of them.
+    short, long = report["views_by_length"]["short"], report["views_by_length"]["long"]
+    assert short["copy_nll_ratio_hidden"] <= 0.5
+    assert short["nll_full_hidden_tokens"] < 0.5 * short["nll_partial_hidden_tokens"]
+    assert short["kl_hidden_to_shown_ratio"] > 1.2
+    assert long["copy_nll_ratio_hidden"] > 1 and report["views"]["copy_nll_ratio_hidden"] > 1

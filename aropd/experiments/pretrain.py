@@ -15,26 +15,23 @@ accuracy on the test split is the base model's score. Seeded: the same arguments
 (on the same torch build); ``threads`` and ``probe_every`` do not change the weights (greedy probes
 draw no random numbers).
 
-Measured (the defaults, seed 0, two quiet cores): 500 steps of 6144 tokens in 7.7 min, 8.0 min wall
-with the evaluation; 44.5% greedy accuracy on the toy test split (every short problem's bucket;
-the 20-90-step problems all fail: labels past #32 never occur in training); KL(q_full || q_partial)
-0.18 nats/token, 0.20 on the tokens the partial view hides. The loss sits near 0.5 until step ~350
-and then falls to 0.06 as the units digits and the copies are learnt; accuracy rises with it (0% at
-step 350, 44% at 500, 84% on short val problems at step 600 of an 800-step run), so ``steps`` is
-the knob that places the base in the 20-60% band. The full view does not beat the student on the
-reference trace (its NLL is higher, 0.22 against 0.076 nats on the tokens the partial view hides:
-``copy_nll_ratio_hidden`` 2.9): copying the example trace needs an induction head, which this
-budget does not grow, so the two views differ by what they condition on, not by copying.
+Measured, on the committed base (the defaults: seed 2, a copy share of 0.3 from the first step,
+2% long problems of 13-90 steps, the model at step 1,300 of a 1,400-step schedule; one thread):
+see ``aropd/assets/toy-base/pretrain.json`` and docs/cpu_study.md. The arithmetic is learnt in a
+sharp transition (the loss sits near 0.5 for hundreds of steps, then falls as the units digits and
+the copies are learnt), so ``stop_at`` places the base inside the 20-60% accuracy band. The full view
+copies the example trace only once an induction head forms, and whether it forms depends on the
+seed (with this recipe seed 2 grows an exact copy from step ~900; seeds 0 and 1 do not copy exactly): on the
+short test problems the committed base's full view predicts the tokens the partial view hides
+exactly (``copy_nll_ratio_hidden`` ~0.00), on the long ones it does not (ratio ~10: the long
+problems, 20-90 steps, stay the open part).
 
-Options off by default aim at a full view that copies: ``copy_frac`` (a copy curriculum:
-full-view examples whose shown trace has random results, so only copying predicts them), with
-``copy_long_frac`` of them long (copying long traces), ``init`` (continue from a pretrained folder),
-``stop_at`` (keep the model a longer schedule has at that step: the arithmetic is learnt in a sharp
-transition, and the full view copies best inside it) and ``snapshot_every`` (save the candidates).
-:func:`views_report` measures the outcome (the copy figures, ``copy_nll_ratio_hidden`` and
-``kl_hidden_to_shown_ratio``, over the test problems and split by length); the probes report them
-during training. docs/cpu_study.md has the numbers of the runs so far (on the problems it was
-trained on, a snapshot inside the transition copies; on long problems it does not yet).
+Options: ``copy_frac`` (a copy curriculum: full-view examples whose shown trace has random
+results, so only copying predicts them), with ``copy_long_frac`` of them long, ``init`` (continue
+from a pretrained folder), ``stop_at`` (keep the model a longer schedule has at that step) and
+``snapshot_every`` (save the candidates of a band). :func:`views_report` measures the outcome (the
+copy figures, ``copy_nll_ratio_hidden`` and ``kl_hidden_to_shown_ratio``, over the test problems and
+split by length); the probes report them during training. docs/cpu_study.md has every run so far.
 """
 
 from __future__ import annotations
@@ -73,9 +70,9 @@ class PretrainArgs:
     """Folder of the model, its tokenizer and ``pretrain.json``."""
     splits: str = "aropd/assets/toy"
     """Folder of ``{train,val,test}.jsonl``: none is trained on (their questions are excluded)."""
-    seed: int = 0
+    seed: int = 2
     """Seed of the weights, the problem stream and the batch order."""
-    threads: int = 2
+    threads: int = 1
     """torch intra-op threads (does not change the weights)."""
     hidden: int = 192
     """Hidden size."""
@@ -93,17 +90,17 @@ class PretrainArgs:
     """Fewest steps of a training problem."""
     max_steps: int = 12
     """Most steps of a training problem (outside the long share)."""
-    long_frac: float = 0.05
+    long_frac: float = 0.02
     """Share of training problems drawn from ``long_steps``, so traces of a few hundred tokens occur."""
-    long_steps: tuple[int, int] = (13, 32)
+    long_steps: tuple[int, int] = (13, 90)
     """Step range of the long share."""
     mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
     """Weights of the student, full-view and partial-view formats."""
-    copy_frac: float = 0.0
+    copy_frac: float = 0.3
     """Share of training examples that teach the full view to copy (a copy curriculum): a full-view
     prompt whose example trace has random results (``aropd.toy.scramble``: the layout kept, the
     arithmetic not), with that trace + EOS as the target, so only copying the example predicts it;
-    the rest follow ``mix``. 0: none (the committed base). In [0, 1)."""
+    the rest follow ``mix``. 0: none. In [0, 1)."""
     copy_long_frac: float = 0.0
     """Share of the copy examples whose problem has ``long_steps`` steps (drawn apart from the problem
     stream, from its seed, none a split's question), so the full view also learns to copy traces as
@@ -116,9 +113,9 @@ class PretrainArgs:
     """Fraction of the reasoning the partial view shows."""
     tokenizer_problems: int = 2000
     """Problems the tokenizer is trained on."""
-    steps: int = 500
+    steps: int = 1400
     """Length of the learning-rate schedule, in optimizer steps."""
-    stop_at: int | None = None
+    stop_at: int | None = 1300
     """Stop after this many steps of the ``steps``-long schedule: the model a longer run has at that
     step, bit for bit (the arithmetic is learnt in a sharp transition, and the band where the base is
     useful is a few hundred steps wide). None: at ``steps``."""
@@ -138,7 +135,7 @@ class PretrainArgs:
     """Test problems of KL(full || partial) (0: all)."""
     eval_batch: int = 16
     """Problems per greedy-generation batch."""
-    probe_every: int = 0
+    probe_every: int = 100
     """Greedy accuracy and the copy figures (``copy_nll_ratio_hidden``, ``kl_hidden_to_shown_ratio``)
     on ``probe_size`` short val problems every this many steps (0: never)."""
     probe_size: int = 32
