@@ -4,8 +4,10 @@ table's numbers are the runs' own (results.json and TensorBoard events, read her
 import json
 import math
 import re
+import shutil
 import statistics
 import time
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -199,9 +201,29 @@ def test_finished_runs_are_skipped(study, capsys):
     assert (root / "table.md").read_text().count("\n| ") < before.count("\n| ")  # only the two methods asked
 
 
+@pytest.mark.slow
+def test_the_table_leaves_out_runs_that_have_not_finished(study, tmp_path):
+    """A run still training already has a results.json (its step-0 validation, the base model's); the table
+    written beside it (``--table-only`` while the study runs) must not count it as finished."""
+    root, _ = study
+    run = root / "full_opd" / "seed0"
+    aside = {p: tmp_path / p.name for p in (run / "DONE", run / "val" / "step_4", root / "table.md")}
+    for p, q in aside.items():  # the run as it is mid-training; put back after (the fixture is shared)
+        shutil.move(p, q)
+    try:
+        assert [p.parent.name for p in run.rglob("results.json")] == ["step_0"]
+        assert cpu_study.run_study(Study(root=root).resolved(quick=True), table_only=True) == 0
+        _, rows = parse_table((root / "table.md").read_text())
+        assert LABELS["full_opd"] not in rows and LABELS["partial_opd"] in rows
+    finally:
+        (root / "table.md").unlink(missing_ok=True)
+        for p, q in aside.items():
+            shutil.move(q, p)
+
+
 def test_large_test_split_is_fresh_deterministic_and_drawn_like_the_test_split(tmp_path):
     from aropd.evaluators import get_benchmark
-    from aropd.experiments.pretrain import seen_questions
+    from aropd.experiments.pretrain import ProblemStream, seen_questions
     from aropd.toy import check_reasoning, parse_question, read_split
 
     path = cpu_study.large_test_split(1000, tmp_path / "a.jsonl", "aropd/assets/toy-base")
@@ -211,8 +233,14 @@ def test_large_test_split_is_fresh_deterministic_and_drawn_like_the_test_split(t
     committed = {r["question"] for s in ("train", "val", "test") for r in read_split(ROOT / f"aropd/assets/toy/{s}.jsonl")}
     report = json.loads((ROOT / "aropd/assets/toy-base/pretrain.json").read_text())
     seen = seen_questions(report)
-    # the replayed stream holds at least every problem the base trained on (and the tokenizer's)
-    assert len(seen) >= report["args"]["tokenizer_problems"] + report["examples_seen"]
+    # every problem the base's run drew (the tokenizer's, then one per example; copy examples take the
+    # stream's problem too), replayed here from the recorded args. Short problems repeat in a stream this
+    # long (a one-step problem is one of a few thousand), so the set is smaller than the draws.
+    a = report["args"]
+    assert a["copy_long_frac"] == 0
+    stream = ProblemStream(a["seed"], a["min_steps"], a["max_steps"], a["long_frac"], tuple(a["long_steps"]), committed)
+    drawn = {p["question"] for p in islice(stream, a["tokenizer_problems"] + report["examples_seen"])}
+    assert drawn <= seen and len(drawn) > 0.9 * (a["tokenizer_problems"] + report["examples_seen"])
     assert not set(questions) & (committed | seen)
     steps = [len(parse_question(q)[1]) for q in questions]
     assert sum(20 <= n <= 90 for n in steps) == 125 and sum(2 <= n <= 8 for n in steps) == 875  # 1 in 8 long

@@ -237,9 +237,14 @@ class StudyRun:
         return f"{self.method.name}/seed{self.seed}"
 
     def results(self) -> dict | None:
-        """The toy benchmark's summary of the run's final validation, or None before it."""
+        """The toy benchmark's summary of the run's latest validation, or None before any."""
         path = runs.final_results(self.dir)
         return json.loads(path.read_text())["benchmarks"][BENCH] if path else None
+
+    def finished(self) -> bool:
+        """Done under this config, with results. A run still training has results already (its step-0
+        validation, the base model's): only ``DONE`` tells a finished run from it."""
+        return runs.status(self.dir, self.config_hash) == "finished" and self.results() is not None
 
 
 def common_sets(s: Study) -> dict[str, str]:
@@ -283,7 +288,7 @@ def execute(planned: list[StudyRun], subprocess: bool = False, force: bool = Fal
     failed = []
     for i, r in enumerate(planned, 1):
         tag = f"[{i}/{len(planned)}] {r.name}"
-        if not force and runs.status(r.dir, r.config_hash) == "finished" and r.results() is not None:
+        if not force and r.finished():
             print(f"{tag}: finished, skipped", flush=True)
             continue
         shutil.rmtree(r.dir, ignore_errors=True)
@@ -366,7 +371,7 @@ COLUMNS = [  # key, header, scale, format
 
 
 def make_table(planned: list[StudyRun], s: Study) -> str:
-    finished = [r for r in planned if r.results() is not None]
+    finished = [r for r in planned if r.finished()]
     bucket = longest_common_bucket(finished) if finished else None
     values = {r.name: run_values(r, bucket) for r in finished}  # one read of each run's events for both tables
     header = ["Method", "Seeds"] + [h.format(bucket=(bucket or "none").removeprefix("len_").replace("_", "–"))
@@ -461,7 +466,7 @@ def run_study(s: Study, force: bool = False, table_only: bool = False) -> int:
         t0 = time.time()
         failed = execute(planned, s.subprocess, force)
         print(f"cpu_study: runs took {time.time() - t0:.0f}s", flush=True)
-    if not any(r.results() is not None for r in planned):
+    if not any(r.finished() for r in planned):
         print("cpu_study: no finished run; no table", file=sys.stderr)
         return 1
     table = make_table(planned, s)
