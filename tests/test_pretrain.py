@@ -365,7 +365,7 @@ def test_committed_toy_base_copy_figures_reproduce():
     # trained on): it predicts the tokens the partial view hides far better than the question alone
     # (the bar: at most half the student's NLL; measured 0.004) and the views disagree more there than
     # on the shown tokens. On the long problems it does not copy: there its full view is worse than the
-    # question alone (ratio ~10), and over all tokens too, since the long traces hold most of them.
+    # question alone (ratio ~10), and over all tokens too, since the long traces hold half the hidden ones.
     short, long = report["views_by_length"]["short"], report["views_by_length"]["long"]
     assert short["copy_nll_ratio_hidden"] <= 0.5
     assert short["nll_full_hidden_tokens"] < 0.5 * short["nll_partial_hidden_tokens"]

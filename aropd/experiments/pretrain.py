@@ -21,9 +21,9 @@ see ``aropd/assets/toy-base/pretrain.json`` and docs/cpu_study.md. The arithmeti
 sharp transition (the loss sits near 0.5 for hundreds of steps, then falls as the units digits and
 the copies are learnt), so ``stop_at`` places the base inside the 20-60% accuracy band. The full view
 copies the example trace only once an induction head forms, and whether it forms depends on the
-seed (with this recipe seed 2 grows an exact copy from step ~900; seeds 0 and 1 do not copy exactly): on the
-short test problems the committed base's full view predicts the tokens the partial view hides
-exactly (``copy_nll_ratio_hidden`` ~0.00), on the long ones it does not (ratio ~10: the long
+seed (with this recipe seed 2 grows an exact copy from step ~900; seeds 0 and 1 do not copy
+exactly): on the short test problems the committed base's full view predicts the tokens the
+partial view hides exactly (``copy_nll_ratio_hidden`` ~0.00), on the long ones it does not (ratio ~10: the long
 problems, 20-90 steps, stay the open part).
 
 Options: ``copy_frac`` (a copy curriculum: full-view examples whose shown trace has random
