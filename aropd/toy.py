@@ -107,7 +107,7 @@ def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPS) -> 
     return {"question": question, "reasoning": " ".join(lines), "answer": f"{value:02d}"}
 
 
-def scramble(problem: dict[str, str], rng: random.Random) -> dict[str, str]:
+def scramble(problem: dict[str, str], rng: random.Random, steps: int | None = None) -> dict[str, str]:
     """``problem`` with a trace whose results are random two-digit values.
 
     The question, the step labels, the operations and the start value are kept, and each step's input
@@ -115,11 +115,15 @@ def scramble(problem: dict[str, str], rng: random.Random) -> dict[str, str]:
     arithmetic is wrong from the first result on: no value in it can be computed, only copied from a
     context that shows it (the copy curriculum of ``aropd.experiments.pretrain``). The answer is the
     last result.
+
+    ``steps``: only the first ``steps`` results are random; the later ones are computed from the last
+    random one, so a view that shows those steps (the partial view) must copy them and compute the
+    rest. None: all (the draws of ``rng`` are then those of a full scramble whatever the length).
     """
     value, chain = parse_question(problem["question"])
     lines = []
     for i, (op, k) in enumerate(chain):
-        new = rng.randrange(MOD)
+        new = rng.randrange(MOD) if steps is None or i < steps else apply_op(value, op, k)
         lines.append(f"#{len(chain) - i} {op}{k} on {value:02d}={new:02d}.")
         value = new
     return {"question": problem["question"], "reasoning": " ".join(lines), "answer": f"{value:02d}"}

@@ -4,7 +4,7 @@ tokenizer on the toy task, with its test accuracy and KL(q_full || q_partial) in
 
     python scripts/pretrain_base.py --out aropd/assets/toy-base
 
-With no arguments it reproduces the committed ``aropd/assets/toy-base`` (about 35 minutes on one core).
+With no arguments it reproduces the committed ``aropd/assets/toy-base`` (about 30 minutes on one core).
 ``--views-only`` trains nothing: it recomputes the copy figures (``views``) of the model already in
 ``--out`` into its ``pretrain.json``, on the problems its recorded args name.
 """
@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
                    help="share of examples that teach the full view to copy a trace with random results")
     g.add_argument("--copy-long-frac", type=float, default=d.copy_long_frac,
                    help="share of the copy examples whose problem has --long-steps steps")
+    g.add_argument("--copy-partial-frac", type=float, default=d.copy_partial_frac,
+                   help="share of the copy examples that teach the partial view to copy the steps it shows")
+    g.add_argument("--prefix-frac", type=float, default=d.prefix_frac,
+                   help="share of examples that are the first --prefix-steps steps of a long problem (a label curriculum)")
+    g.add_argument("--prefix-steps", type=int, default=d.prefix_steps)
     g.add_argument("--init", default=d.init, help="continue from this pretrained model folder (default: from scratch)")
     g.add_argument("--tokenizer-problems", type=int, default=d.tokenizer_problems)
     g = p.add_argument_group("optimization")

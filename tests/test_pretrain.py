@@ -14,7 +14,7 @@ import torch
 
 from aropd.experiments import pretrain as pb
 from aropd.experiments.pretrain import PretrainArgs
-from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_split, read_split, write_splits
+from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, make_split, read_split, write_splits
 from aropd.views import partial_view, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
     hidden=48, layers=2, heads=2, intermediate=96, vocab_size=320, max_positions=512, min_steps=1, max_steps=3,
     long_frac=0.0, tokenizer_problems=300, steps=120, batch_tokens=2048, lr=1e-2, warmup=10, log_every=20,
-    eval_batch=8, kl_limit=8, copy_frac=0.0, stop_at=None, probe_every=0,
+    eval_batch=8, kl_limit=8, copy_frac=0.0, copy_partial_frac=0.0, prefix_frac=0.0, stop_at=None, probe_every=0,
     # One thread: on a shared 2-core machine two OpenMP threads spin-wait and run several times slower.
     threads=1,
 )
@@ -240,8 +240,42 @@ def test_copy_curriculum_and_continuing_from_a_model(tiny_run, tmp_path):
         pb.pretrain(PretrainArgs(**{**short, "stop_at": 5}, out=str(tmp_path / "f")))
     with pytest.raises(ValueError, match="copy_long_frac must be in .* needs copy_frac > 0, got 0.5 with copy_frac 0.0"):
         pb.pretrain(PretrainArgs(**{**short, "copy_long_frac": 0.5}, out=str(tmp_path / "g")))
+    with pytest.raises(ValueError, match="copy_partial_frac must be in .* needs copy_frac > 0, got 0.5 with copy_frac 0.0"):
+        pb.pretrain(PretrainArgs(**{**short, "copy_partial_frac": 0.5}, out=str(tmp_path / "i")))
+    with pytest.raises(ValueError, match=r"prefix_frac must be in \[0, 1\) and prefix_steps >= 1, got 0.1 and 0"):
+        pb.pretrain(PretrainArgs(**{**short, "prefix_frac": 0.1, "prefix_steps": 0}, out=str(tmp_path / "j")))
     with pytest.raises(ValueError, match="snapshot_every must be >= 0"):
         pb.pretrain(PretrainArgs(**{**short, "snapshot_every": -1}, out=str(tmp_path / "h")))
+
+
+def test_seen_questions_hold_every_problem_a_continued_run_trained_on(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    root, first = tiny_run
+    trained_on = []
+    real_encode = pb.encode
+
+    def recording(tok, template, problem, *a, **kw):  # encode is the training path only (evaluation uses example)
+        trained_on.append(problem["question"])
+        return real_encode(tok, template, problem, *a, **kw)
+
+    monkeypatch.setattr(pb, "encode", recording)
+    start = shutil.copytree(root / "model", tmp_path / "start")
+    args = PretrainArgs(**{**TINY, "steps": 6, "eval_limit": 2, "kl_limit": 2, "copy_frac": 0.4, "copy_long_frac": 0.5,
+                           "copy_partial_frac": 0.5, "prefix_frac": 0.2, "long_frac": 0.1, "long_steps": (5, 7)},
+                        splits=str(root / "toy"), out=str(tmp_path / "b"), seed=4, init=str(start))
+    report = pb.pretrain(args).report
+    assert report["init_report"]["args"] == first.report["args"]
+    shutil.rmtree(start)  # the continued run's report alone says what both runs drew
+    seen = pb.seen_questions(report)
+    assert len(trained_on) > 100 and set(trained_on) <= seen
+    assert pb.seen_questions(first.report) <= seen
+    # Prefix and long copy examples draw their problems apart from the stream: a replay of the
+    # stream alone (the draws of tokenizer_problems + examples_seen + look-ahead) misses them.
+    exclude = {r["question"] for s in ("train", "val", "test") for r in read_split(root / "toy" / f"{s}.jsonl")}
+    stream = iter(pb.ProblemStream(4, 1, 3, 0.1, (5, 7), exclude))
+    stream_only = {next(stream)["question"] for _ in range(300 + report["examples_seen"] + 2 * pb.POOL)}
+    assert not set(trained_on) <= stream_only
 
 
 def test_snapshots_are_the_models_that_stop_at_gives(tiny_run, tmp_path):
@@ -288,6 +322,60 @@ def test_curriculum_shares_and_the_long_copy_problems():
     assert all(pb.n_steps(p) <= 3 for _, p in again)
 
 
+def test_prefix_and_partial_copy_examples():
+    import random
+    from itertools import islice
+
+    from aropd.toy import check_reasoning
+
+    exclude = {make_split(1, seed=s, min_steps=7, max_steps=7)[0]["question"] for s in range(50)}
+    args = PretrainArgs(**{**TINY, "copy_frac": 0.4, "copy_partial_frac": 0.5, "prefix_frac": 0.2, "long_steps": (7, 9)})
+    stream = pb.ProblemStream(1, 2, 3, 0.0, (7, 9), exclude)  # 2-3 steps: the partial view shows one whole
+    draws = list(islice(pb.curriculum(iter(stream), random.Random(0), args, exclude), 5000))
+    kinds = Counter(k for k, _ in draws)
+    # prefix first (0.2), then of the rest a 0.4 copy share, half of it partial-view copies
+    assert abs(kinds["prefix"] / 5000 - 0.2) < 0.02
+    assert abs(kinds["copy"] / 5000 - 0.16) < 0.02 and abs(kinds["copy_partial"] / 5000 - 0.16) < 0.02
+    prefixes = [p for k, p in draws if k == "prefix"]
+    assert {pb.n_steps(p) for p in prefixes} == {7, 8, 9} and not {p["question"] for p in prefixes} & exclude
+    assert all(not check_reasoning(p) for p in prefixes)  # worked solutions: a prefix is the real trace
+    # A partial copy: the steps the partial view shows whole are random, the rest follow from them.
+    partial_copies = [p for k, p in draws if k == "copy_partial"]
+    assert sum(bool(check_reasoning(p)) for p in partial_copies) / len(partial_copies) > 0.95
+    for p in partial_copies:
+        steps = p["reasoning"].split(" #")
+        shown = partial_view(p["reasoning"], 0.5).count(".")
+        value = int(steps[shown].split(" on ")[1][:2])  # the input of the first step not shown whole
+        for step in steps[shown:]:
+            op = step.split()[1]
+            value = (value + int(op[1:]) * (1 if op[0] == "+" else -1)) % 100
+        assert p["answer"] == f"{value:02d}"
+
+    # the prefix example's target: the student prompt, then the first steps of the trace, no EOS
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOY_BASE)
+    prob = {"question": "Working mod 100, apply +6 and +5 in turn from #78 down to #1, starting at 62.",
+            "reasoning": "#78 +6 on 62=68. #77 +5 on 68=73. #76 +6 on 73=79.", "answer": "79"}
+    ids, labels = pb.encode(tok, TOY_TEMPLATE, prob, "student", 0.5, prefix_steps=2)
+    ex = pb.example(tok, TOY_TEMPLATE, prob, 0.5)
+    target = [t for t in labels if t != -100]
+    assert ids == ex.student + target and labels[: len(ex.student)] == [-100] * len(ex.student)
+    assert tok.decode(target) == "<reasoning>#78 +6 on 62=68. #77 +5 on 68=73."
+    assert target == ex.reference[: len(target)] and tok.eos_token_id not in target
+
+    # A partial copy example's target is the steps its partial view shows whole, after the partial prompt.
+    args = PretrainArgs(**{**TINY, "copy_frac": 0.99, "copy_partial_frac": 1.0})
+    ten = make_problem(random.Random(7), 10)
+    kind, scrambled = next(pb.curriculum(iter([ten]), random.Random(0), args, set()))
+    assert kind == "copy_partial" and partial_view(scrambled["reasoning"], 0.5).count(".") == 5
+    ids, labels = pb.encode(tok, TOY_TEMPLATE, scrambled, "partial", 0.5, 5)
+    target = [t for t in labels if t != -100]
+    assert ids[: len(ids) - len(target)] == pb.example(tok, TOY_TEMPLATE, scrambled, 0.5).partial
+    assert tok.decode(target) == "<reasoning>" + " #".join(scrambled["reasoning"].split(" #")[:5])
+    assert tok.decode(target).endswith(" #6 " + scrambled["reasoning"].split(" #6 ")[1].split(" #5")[0])
+
+
 def test_extract_answer():
     assert pb.extract_answer("<reasoning>#1 1+2=3.</reasoning><answer>3</answer>") == 3
     assert pb.extract_answer("<answer> 07 </answer>") == 7
@@ -311,14 +399,36 @@ def test_committed_toy_base_meets_the_bar_and_is_the_scripts_default_output():
     assert sum(f.stat().st_size for f in TOY_BASE.iterdir()) < 20e6
     # An artifact pretrained once: up to an hour of one CPU thread.
     assert report["threads"] == 1 and report["wall_seconds"] <= 60 * 60
-    # The teacher views really differ on the base model; on the short problems (the ones the full view
-    # copies) more where the partial view hides the trace than where it shows it.
-    assert report["views"]["kl_full_partial_per_token"] > 0.05
+    # The teacher views really differ on the base model where the partial view hides the trace, on the
+    # short problems (the ones both views copy), and far more there than where it shows it.
     short = report["views_by_length"]["short"]
-    assert short["kl_full_partial_hidden_tokens"] > short["kl_full_partial_shown_tokens"]
+    assert short["kl_full_partial_hidden_tokens"] > 0.05
+    assert short["kl_full_partial_hidden_tokens"] > 3 * short["kl_full_partial_shown_tokens"]
     # Made by `python scripts/pretrain_base.py` with no arguments: PretrainArgs' defaults reproduce it.
     defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(PretrainArgs()).items()}
     assert report["args"] == defaults
+
+
+def test_committed_toy_base_starts_long_problems_at_their_label():
+    """A long problem finishes only if its trace starts at the question's label: labels are single tokens,
+    and a base that writes ``#37`` for ``#78`` counts down from there and stops 41 steps early (the
+    base before the prefix curriculum started 1 of these 24 right)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aropd.data import pad
+
+    tok = AutoTokenizer.from_pretrained(TOY_BASE)
+    model = AutoModelForCausalLM.from_pretrained(TOY_BASE).eval()
+    long = [p for s in ("val", "test") for p in read_split(ROOT / "aropd/assets/toy" / f"{s}.jsonl") if pb.n_steps(p) > 12]
+    assert len(long) == 24
+    ids, mask = pad([pb.example(tok, TOY_TEMPLATE, p, 0.5).student for p in long], tok.pad_token_id, left=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    first = [tok.decode(o[ids.shape[1]:]) for o in out]
+    assert all(f.startswith("<reasoning>#") for f in first)
+    right = sum(f == f"<reasoning>#{pb.n_steps(p)}" for f, p in zip(first, long))
+    assert right >= 20, right  # measured: 21 of 24
 
 
 def test_toy_base_tokenizer_gives_the_length_knobs_token_counts():
@@ -363,11 +473,13 @@ def test_committed_toy_base_copy_figures_reproduce():
         assert got["views_by_length"][group] == pytest.approx(figures, rel=1e-5), group
     # This base's full view copies the example trace on the short problems (the step range it was
     # trained on): it predicts the tokens the partial view hides far better than the question alone
-    # (the bar: at most half the student's NLL; measured 0.004) and the views disagree more there than
-    # on the shown tokens. On the long problems it does not copy: there its full view is worse than the
-    # question alone (ratio ~10), and over all tokens too, since the long traces hold half the hidden ones.
+    # (the bar: at most half the student's NLL; measured 0.004). Its partial view copies the steps it
+    # shows, so the views agree there and disagree where only the full view has the trace: KL on hidden
+    # tokens is a hundred times that on shown ones (the bar: several). On the long problems the full
+    # view does not copy (ratio ~3, worse than the question alone), and over all tokens the ratio is
+    # ~0.7, since the long traces hold half the hidden ones.
     short, long = report["views_by_length"]["short"], report["views_by_length"]["long"]
     assert short["copy_nll_ratio_hidden"] <= 0.5
     assert short["nll_full_hidden_tokens"] < 0.5 * short["nll_partial_hidden_tokens"]
-    assert short["kl_hidden_to_shown_ratio"] > 1.2
-    assert long["copy_nll_ratio_hidden"] > 1 and report["views"]["copy_nll_ratio_hidden"] > 1
+    assert short["kl_hidden_to_shown_ratio"] >= 3
+    assert long["copy_nll_ratio_hidden"] > 1 and 0.5 < report["views"]["copy_nll_ratio_hidden"] < 1

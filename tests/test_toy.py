@@ -215,3 +215,20 @@ def test_scramble_keeps_the_layout_and_randomizes_the_results():
     wrong = sum(bool(check_reasoning(scramble(p, rng))) for p in problems)
     assert wrong >= 190
 
+
+
+def test_scramble_of_the_first_steps_keeps_the_later_arithmetic():
+    import re
+
+    # HAND: -2 and *7 in turn from #4, starting at 98. Two random results, then the arithmetic from
+    # the second of them, worked by hand from whatever it is.
+    got = scramble(HAND, random.Random(4), steps=2)
+    steps = re.findall(r"#(\d+) ([-+*]\d) on (\d\d)=(\d\d)\.", got["reasoning"])
+    first_two = scramble(HAND, random.Random(4))["reasoning"].split(" #")[:2]
+    assert got["reasoning"].split(" #")[:2] == first_two  # the same draws as a full scramble, so far
+    r2 = int(steps[1][3])
+    r3 = (r2 - 2) % 100
+    r4 = (r3 * 7) % 100
+    assert steps[2][2:] == (f"{r2:02d}", f"{r3:02d}") and steps[3][2:] == (f"{r3:02d}", f"{r4:02d}")
+    assert got["answer"] == f"{r4:02d}"
+    assert scramble(HAND, random.Random(4), steps=0) == HAND  # nothing scrambled: the worked solution

@@ -16,22 +16,26 @@ accuracy on the test split is the base model's score. Seeded: the same arguments
 draw no random numbers).
 
 Measured, on the committed base (the defaults: seed 2, a copy share of 0.3 from the first step,
-2% long problems of 13-90 steps, the model at step 1,300 of a 1,400-step schedule; one thread):
-see ``aropd/assets/toy-base/pretrain.json`` and docs/cpu_study.md. The arithmetic is learnt in a
-sharp transition (the loss sits near 0.5 for hundreds of steps, then falls as the units digits and
-the copies are learnt), so ``stop_at`` places the base inside the 20-60% accuracy band. The full view
-copies the example trace only once an induction head forms, and whether it forms depends on the
-seed (with this recipe seed 2 grows an exact copy from step ~900; seeds 0 and 1 do not copy
-exactly): on the short test problems the committed base's full view predicts the tokens the
-partial view hides exactly (``copy_nll_ratio_hidden`` ~0.00), on the long ones it does not (ratio ~10: the long
-problems, 20-90 steps, stay the open part).
+half of it partial-view copies, a tenth of the examples long-problem prefixes, 2% long problems of
+13-90 steps, the model at step 1,200 of a 1,400-step schedule; one thread): see
+``aropd/assets/toy-base/pretrain.json`` and docs/cpu_study.md. The arithmetic is learnt in a sharp
+transition (the loss sits near 0.5 for hundreds of steps, then falls as the units digits are
+learnt), so ``stop_at`` places the base inside the 20-60% accuracy band. A view copies the example
+trace only once an induction head forms, and whether and when it forms depends on the seed and the
+data order: in the committed run both views copy from step ~800, before the arithmetic. On the short
+test problems the full view then predicts the tokens the partial view hides exactly
+(``copy_nll_ratio_hidden`` ~0.00) and the partial view copies what it is shown, so the views
+disagree about a hundred times more on hidden than on shown tokens; on the long problems the full
+view does not copy (ratio ~3: the long problems, 20-90 steps, stay the open part).
 
 Options: ``copy_frac`` (a copy curriculum: full-view examples whose shown trace has random
-results, so only copying predicts them), with ``copy_long_frac`` of them long, ``init`` (continue
-from a pretrained folder), ``stop_at`` (keep the model a longer schedule has at that step) and
-``snapshot_every`` (save the candidates of a band). :func:`views_report` measures the outcome (the
-copy figures, ``copy_nll_ratio_hidden`` and ``kl_hidden_to_shown_ratio``, over the test problems and
-split by length); the probes report them during training. docs/cpu_study.md has every run so far.
+results, so only copying predicts them), with ``copy_long_frac`` of them long and
+``copy_partial_frac`` of them partial-view ones, ``prefix_frac`` (a label curriculum), ``init``
+(continue from a pretrained folder), ``stop_at`` (keep the model a longer schedule has at that step)
+and ``snapshot_every`` (save the candidates of a band). :func:`views_report` measures the outcome
+(the copy figures, ``copy_nll_ratio_hidden`` and ``kl_hidden_to_shown_ratio``, over the test
+problems and split by length); the probes report them during training. docs/cpu_study.md has every
+run so far.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -106,6 +111,24 @@ class PretrainArgs:
     stream, from its seed, none a split's question), so the full view also learns to copy traces as
     long as the long test problems' without taking the student format's budget. 0: the stream's
     problem, like every other example. In [0, 1]; needs ``copy_frac`` > 0."""
+    prefix_frac: float = 0.1
+    """Share of training examples that are the first ``prefix_steps`` steps of a long problem's trace
+    (``long_steps`` steps) after the student prompt, with no EOS: a label curriculum. Step labels are
+    single tokens, and labels above ``max_steps`` occur only in the long share, so a model can count
+    down from ``#9`` yet copy ``#78`` from the question as ``#37``, and stop a 78-step problem after 37
+    steps; a prefix teaches the copy of the first label and its first decrements in a tenth of a long
+    example's tokens. Drawn apart from the problem stream (like ``copy_long_frac``'s); a prefix says
+    nothing of the answer. 0: none. In [0, 1); ``copy_frac`` applies to the other examples."""
+    prefix_steps: int = 2
+    """Steps of the trace in each prefix example (see ``prefix_frac``)."""
+    copy_partial_frac: float = 0.5
+    """Share of the copy examples that teach the partial view to copy what it shows: a partial-view
+    prompt of a problem whose shown steps have random results and whose later steps are computed from
+    them (``aropd.toy.scramble`` with ``steps``), with the shown steps as the target (no more: the loss
+    teaches copying, not arithmetic). Without it only the full view learns to copy, and the partial
+    view recomputes even the steps it is shown, so the views disagree as much on the shown tokens as
+    on the hidden ones. A problem whose partial view shows no whole step is a full-view copy example
+    instead. In [0, 1]; needs ``copy_frac`` > 0."""
     init: str | None = None
     """A pretrained model folder (with its tokenizer) to continue from; None: a fresh model and
     tokenizer. ``seen_questions`` then also covers the problems of the run that made ``init``."""
@@ -115,7 +138,7 @@ class PretrainArgs:
     """Problems the tokenizer is trained on."""
     steps: int = 1400
     """Length of the learning-rate schedule, in optimizer steps."""
-    stop_at: int | None = 1300
+    stop_at: int | None = 1200
     """Stop after this many steps of the ``steps``-long schedule: the model a longer run has at that
     step, bit for bit (the arithmetic is learnt in a sharp transition, and the band where the base is
     useful is a few hundred steps wide). None: at ``steps``."""
@@ -197,11 +220,20 @@ def example(tok: Any, template: PromptTemplate, problem: dict[str, str], ratio: 
                          Budgets.unlimited(), ratio)  # every toy problem fits the model's positions whole
 
 
-def encode(tok: Any, template: PromptTemplate, problem: dict[str, str], view: str, ratio: float):
-    """``(ids, labels)`` of one view's prompt followed by the reference; the loss is on the reference."""
+def encode(tok: Any, template: PromptTemplate, problem: dict[str, str], view: str, ratio: float, prefix_steps: int = 0):
+    """``(ids, labels)`` of one view's prompt followed by the reference; the loss is on the reference.
+
+    ``prefix_steps`` > 0: the reference stops after that many steps of the trace (no closing tags, no
+    answer, no EOS).
+    """
     ex = example(tok, template, problem, ratio)
-    prompt = getattr(ex, view)
-    return prompt + ex.reference, [-100] * len(prompt) + ex.reference
+    prompt, target = getattr(ex, view), ex.reference
+    if prefix_steps:
+        steps = problem["reasoning"].split(" #")[:prefix_steps]
+        head = template.trace.split("{reasoning}")[0] + " #".join(steps)
+        n = len(tok(head, add_special_tokens=False)["input_ids"])
+        target = target[:n]
+    return prompt + target, [-100] * len(prompt) + target
 
 
 class ProblemStream:
@@ -235,35 +267,63 @@ def curriculum(
     problem with ``long_steps`` steps instead of the stream's.
     """
     for prob in stream:
-        # (no draw at copy_frac 0: the plain run's example stream is unchanged)
+        # (no draw at prefix_frac 0 or copy_frac 0: the plain run's example stream is unchanged)
+        if args.prefix_frac and rng.random() < args.prefix_frac:
+            yield "prefix", long_problem(rng, args.long_steps, exclude)
+            continue
         if args.copy_frac and rng.random() < args.copy_frac:
             if args.copy_long_frac and rng.random() < args.copy_long_frac:
                 # Its own draw rather than the stream's next, so the stream (which seen_questions
                 # replays) is unchanged; its scrambled trace teaches nothing about the answer.
-                while True:
-                    prob = make_problem(rng, rng.randint(*args.long_steps))
-                    if prob["question"] not in exclude:
-                        break
+                prob = long_problem(rng, args.long_steps, exclude)
+            if args.copy_partial_frac and rng.random() < args.copy_partial_frac:
+                shown = partial_view(prob["reasoning"], args.partial_ratio).count(".")  # whole steps shown
+                if shown:
+                    yield "copy_partial", scramble(prob, rng, shown)
+                    continue
             yield "copy", scramble(prob, rng)
             continue
         yield rng.choices(VIEWS, weights=args.mix)[0], prob
 
 
+def long_problem(rng: random.Random, long_steps: tuple[int, int], exclude: set[str]) -> dict[str, str]:
+    """A problem with ``long_steps`` steps, drawn from ``rng``, whose question is not in ``exclude``."""
+    while True:
+        prob = make_problem(rng, rng.randint(*long_steps))
+        if prob["question"] not in exclude:
+            return prob
+
+
 def seen_questions(report: dict[str, Any]) -> set[str]:
     """Every question that the pretraining run of ``report`` (its ``pretrain.json``) can have trained on.
 
-    Its problem stream replayed from the recorded args: the tokenizer's problems, then one per
-    example seen, plus two pools of look-ahead (a batch pool is drawn whole before it is used), so
+    The run's problem stream and example curriculum replayed from the recorded args: the tokenizer's
+    problems, then the problems of the examples seen (the stream's, and those the curriculum draws
+    apart from it), plus two pools of look-ahead (a batch pool is drawn whole before it is used), so
     the set holds all the run drew and a few hundred more. A new evaluation split that excludes it
     holds no problem the base model was trained on.
     """
     a = report["args"]
-    splits = [read_split(Path(resolve(a["splits"])) / f"{s}.jsonl") for s in ("train", "val", "test")]
+    args = PretrainArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
+    splits = [read_split(Path(resolve(args.splits)) / f"{s}.jsonl") for s in ("train", "val", "test")]
     exclude = {r["question"] for rows in splits for r in rows}
-    stream = iter(ProblemStream(a["seed"], a["min_steps"], a["max_steps"], a["long_frac"], tuple(a["long_steps"]), exclude))
-    seen = {next(stream)["question"] for _ in range(a["tokenizer_problems"] + report["examples_seen"] + 2 * POOL)}
-    if a.get("init"):  # a continued run: the problems of the run that made its starting point too
-        seen |= seen_questions(json.loads((Path(resolve(a["init"])) / "pretrain.json").read_text()))
+    stream = iter(ProblemStream(args.seed, args.min_steps, args.max_steps, args.long_frac, args.long_steps, exclude))
+    seen = {next(stream)["question"] for _ in range(args.tokenizer_problems)}
+
+    def drawn():  # every stream problem the curriculum takes, used or not
+        for p in stream:
+            seen.add(p["question"])
+            yield p
+
+    # pretrain's data_rng: the same seed, so the same examples
+    for _, prob in islice(curriculum(drawn(), random.Random(args.seed + 1), args, exclude), report["examples_seen"] + 2 * POOL):
+        seen.add(prob["question"])
+    # A continued run: the problems of the run that made its starting point too (a report written
+    # before reports kept it names only the folder).
+    if report.get("init_report"):
+        seen |= seen_questions(report["init_report"])
+    elif args.init and "init_report" not in report:
+        seen |= seen_questions(json.loads((Path(resolve(args.init)) / "pretrain.json").read_text()))
     return seen
 
 
@@ -445,6 +505,11 @@ def pretrain(args: PretrainArgs) -> Result:
     if not 0.0 <= args.copy_long_frac <= 1.0 or (args.copy_long_frac and not args.copy_frac):
         raise ValueError(f"copy_long_frac must be in [0, 1] and needs copy_frac > 0, got {args.copy_long_frac} "
                          f"with copy_frac {args.copy_frac}")
+    if not 0.0 <= args.copy_partial_frac <= 1.0 or (args.copy_partial_frac and not args.copy_frac):
+        raise ValueError(f"copy_partial_frac must be in [0, 1] and needs copy_frac > 0, got {args.copy_partial_frac} "
+                         f"with copy_frac {args.copy_frac}")
+    if not 0.0 <= args.prefix_frac < 1.0 or args.prefix_steps < 1:
+        raise ValueError(f"prefix_frac must be in [0, 1) and prefix_steps >= 1, got {args.prefix_frac} and {args.prefix_steps}")
     for name in ("probe_every", "snapshot_every", "probe_long"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(args, name)}")
@@ -467,7 +532,11 @@ def pretrain(args: PretrainArgs) -> Result:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok, model = AutoTokenizer.from_pretrained(args.init), AutoModelForCausalLM.from_pretrained(args.init)
+        # Kept in this run's report, so seen_questions covers the first run's problems without its folder.
+        first = Path(args.init) / "pretrain.json"
+        init_report = json.loads(first.read_text()) if first.exists() else None
     else:
+        init_report = None
         tok = train_toy_tokenizer(texts, args.vocab_size)
         model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
@@ -477,7 +546,13 @@ def pretrain(args: PretrainArgs) -> Result:
 
     def examples():
         for kind, prob in curriculum(stream, data_rng, args, exclude):
-            yield encode(tok, template, prob, "full" if kind == "copy" else kind, args.partial_ratio)
+            if kind == "prefix":
+                yield encode(tok, template, prob, "student", args.partial_ratio, args.prefix_steps)
+            elif kind == "copy_partial":
+                shown = partial_view(prob["reasoning"], args.partial_ratio).count(".")
+                yield encode(tok, template, prob, "partial", args.partial_ratio, shown)
+            else:
+                yield encode(tok, template, prob, "full" if kind == "copy" else kind, args.partial_ratio)
 
     batch_iter = batches(examples(), random.Random(args.seed + 2), args.batch_tokens, pool=POOL)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -567,6 +642,8 @@ def pretrain(args: PretrainArgs) -> Result:
             "python": sys.version.split()[0],
         },
         "threads": args.threads,
+        "init_report": {k: init_report[k] for k in ("args", "examples_seen", "init_report") if init_report.get(k)}
+        if init_report else None,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
