@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-max-new-tokens", type=int, default=None,
                     help="validation budget (default: the toy benchmark's, 1024; --quick: 24)")
     ap.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the config's; --quick: 4)")
+    ap.add_argument("--lr", type=float, default=Study.lr, help="peak learning rate of every trained run (default: %(default)s)")
     ap.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES,
                     help="subset of methods (default: all)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps, small budgets (< 3 min)")
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def to_study(a: argparse.Namespace) -> Study:
     return Study(model=a.model, seeds=a.seeds, steps=a.steps, root=Path(a.root), base_config=a.base_config,
                  test_data=a.test_data, test_size=a.test_size, val_limit=a.val_limit, max_new_tokens=a.max_new_tokens,
-                 val_max_new_tokens=a.val_max_new_tokens, batch_size=a.batch_size, methods=a.methods,
+                 val_max_new_tokens=a.val_max_new_tokens, batch_size=a.batch_size, lr=a.lr, methods=a.methods,
                  subprocess=a.launch == "subprocess").resolved(quick=a.quick)
 
 

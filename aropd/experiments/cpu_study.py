@@ -159,6 +159,9 @@ class Study:
     """Validation budget; None: the toy benchmark's, 1024, so the 90-step problems finish (quick: 24)."""
     batch_size: int | None = None
     """Training batch size; None: the config's (quick: 4)."""
+    lr: float = 1e-5
+    """Peak learning rate of every trained run: the study's own, so that a change to the base config's
+    (the quickstart's, tuned for its 20 steps) does not change the study."""
     test_size: int | None = None
     """Validate on this many toy problems drawn as the committed test split is, none of them in the
     committed splits or the base model's pretraining (:func:`large_test_split`), written to
@@ -276,6 +279,8 @@ def plan(s: Study) -> list[StudyRun]:
             d = Path(s.root) / m.name / f"seed{seed}"
             # the rollout streams and the data order follow seed_everything (their own seeds are unset)
             sets = {**common_sets(s), **m.sets, "seed_everything": str(seed)}
+            if m.trains:  # (validate takes no optimizer)
+                sets["model.init_args.optimizer.init_args.lr"] = str(s.lr)
             configs = [s.base_config, *m.configs]
             subcommand = "fit" if m.trains else "validate"
             args = runs.run_args(configs, sets, d, resume=False)  # short runs, no checkpoints
