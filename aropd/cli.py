@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,21 @@ CLI_KWARGS: dict = dict(
 )
 
 
+# 128 + SIGTERM, the status a shell gives a process the signal ended.
+SIGTERM_EXIT = 143
+
+
 def main(args: list[str] | None = None) -> AropdCLI:
-    return AropdCLI(StudentModule, PrivilegedDataModule, save_config_kwargs={"overwrite": True}, args=args, **CLI_KWARGS)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        return AropdCLI(StudentModule, PrivilegedDataModule, save_config_kwargs={"overwrite": True}, args=args,
+                        **CLI_KWARGS)
+    except SIGTERMException as e:
+        # Lightning stops a fit on SIGTERM with a SystemExit that carries no code, so a run a scheduler
+        # preempted would exit 0 and look finished to whatever launched it.
+        print(f"aropd: stopped by SIGTERM; exit status {SIGTERM_EXIT}", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from e
 
 
 if __name__ == "__main__":

@@ -214,3 +214,26 @@ def test_privilege_control_on_sft_is_an_error_naming_it(tmp_path, monkeypatch):
               "--config", "configs/methods/sft.yaml", "--config", "configs/methods/no_trace.yaml",
               "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)])
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class SigtermAtStep2(__import__("lightning").pytorch.Callback):
+    """Sends this process SIGTERM (a scheduler's preemption) after the second optimizer step."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_fit_stopped_by_sigterm_exits_143_not_0(tmp_path, monkeypatch):
+    # Lightning ends the fit with a SystemExit that carries no code: a launcher would read 0, and a
+    # study would mark a run that stopped at step 2 finished.
+    from aropd.experiments import runs
+
+    monkeypatch.chdir(ROOT)
+    args = ["--config", "configs/quickstart.yaml", "--config", "tests/conf/tiny.yaml", "--trainer.max_steps", "20",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=test_cli.SigtermAtStep2"]
+    assert runs.launch("fit", args, tmp_path / "fit.log") == 143
+    assert "aropd: stopped by SIGTERM; exit status 143" in (tmp_path / "fit.log").read_text()
