@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-max-new-tokens", type=int, default=None,
                     help="validation budget (default: the toy benchmark's, 1024; --quick: 24)")
     ap.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the config's; --quick: 4)")
-    ap.add_argument("--lr", type=float, default=Study.lr, help="peak learning rate of every trained run (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=Study.lr, help="peak learning rate of every run (default: %(default)s)")
     ap.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES,
                     help="subset of methods (default: all)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps, small budgets (< 3 min)")

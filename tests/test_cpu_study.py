@@ -266,7 +266,7 @@ def test_model_default_prefers_toy_base():
     assert Study(seeds=[5], steps=7).resolved(quick=True).seeds == [5]
 
 
-def test_trained_runs_take_the_studys_lr_whatever_the_base_config_says(tmp_path):
+def test_runs_take_the_studys_lr_whatever_the_base_config_says(tmp_path):
     from aropd.experiments import runs
 
     cfg = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
@@ -276,4 +276,4 @@ def test_trained_runs_take_the_studys_lr_whatever_the_base_config_says(tmp_path)
     study = Study(root=tmp_path / "r", base_config=str(base), lr=2e-5, seeds=[0], methods=["base", "sft"])
     for r in cpu_study.plan(study.resolved()):
         model = yaml.safe_load(runs.resolve(r.subcommand, r.args))["model"]
-        assert model["init_args"]["optimizer"]["init_args"]["lr"] == (2e-5 if r.method.trains else 3e-4), r.name
+        assert model["init_args"]["optimizer"]["init_args"]["lr"] == 2e-5, r.name

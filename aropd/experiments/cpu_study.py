@@ -160,8 +160,8 @@ class Study:
     batch_size: int | None = None
     """Training batch size; None: the config's (quick: 4)."""
     lr: float = 1e-5
-    """Peak learning rate of every trained run: the study's own, so that a change to the base config's
-    (the quickstart's, tuned for its 20 steps) does not change the study."""
+    """Peak learning rate of every run: the study's own, so that a change to the base config's (the
+    quickstart's, tuned for its 20 steps) does not change the study."""
     test_size: int | None = None
     """Validate on this many toy problems drawn as the committed test split is, none of them in the
     committed splits or the base model's pretraining (:func:`large_test_split`), written to
@@ -261,6 +261,9 @@ def common_sets(s: Study) -> dict[str, str]:
         "trainer.enable_checkpointing": "false",
         "trainer.log_every_n_steps": "1",             # every step in the events: the run means use them all
         "model.init_args.val_max_new_tokens": str(s.val_max_new_tokens) if s.val_max_new_tokens else "null",
+        # on Base's validate too, where it trains nothing: its resolved config (and so its hash) then does
+        # not change with the base config's lr
+        "model.init_args.optimizer.init_args.lr": str(s.lr),
     }
     if s.max_new_tokens:
         out["model.init_args.max_new_tokens"] = str(s.max_new_tokens)
@@ -279,8 +282,6 @@ def plan(s: Study) -> list[StudyRun]:
             d = Path(s.root) / m.name / f"seed{seed}"
             # the rollout streams and the data order follow seed_everything (their own seeds are unset)
             sets = {**common_sets(s), **m.sets, "seed_everything": str(seed)}
-            if m.trains:  # (validate takes no optimizer)
-                sets["model.init_args.optimizer.init_args.lr"] = str(s.lr)
             configs = [s.base_config, *m.configs]
             subcommand = "fit" if m.trains else "validate"
             args = runs.run_args(configs, sets, d, resume=False)  # short runs, no checkpoints
