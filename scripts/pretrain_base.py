@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from aropd.experiments.pretrain import PretrainArgs, Result, pretrain, record_views
+from aropd.experiments.pretrain import PretrainArgs, Result, args_from, pretrain, record_views
 
 
 def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
                    help="train nothing: recompute the copy figures of the model in --out into its pretrain.json")
     a = vars(p.parse_args(argv))
     views_only = a.pop("views_only")
-    return PretrainArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()}), views_only
+    return args_from(a), views_only
 
 
 def main(argv: list[str] | None = None) -> Result | dict:

@@ -171,6 +171,16 @@ class PretrainArgs:
     not change the weights; ``stop_at`` N reproduces a snapshot as a base with its report."""
 
 
+def args_from(values: dict[str, Any]) -> PretrainArgs:
+    """``PretrainArgs`` from a plain dict (parsed options, or a ``pretrain.json``'s ``args``: lists for tuples)."""
+    return PretrainArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def shown_steps(problem: dict[str, str], ratio: float) -> int:
+    """How many whole steps of ``problem``'s trace its partial view shows."""
+    return partial_view(problem["reasoning"], ratio).count(".")
+
+
 class Result(NamedTuple):
     model: Any
     tokenizer: Any
@@ -277,7 +287,7 @@ def curriculum(
                 # replays) is unchanged; its scrambled trace teaches nothing about the answer.
                 prob = long_problem(rng, args.long_steps, exclude)
             if args.copy_partial_frac and rng.random() < args.copy_partial_frac:
-                shown = partial_view(prob["reasoning"], args.partial_ratio).count(".")  # whole steps shown
+                shown = shown_steps(prob, args.partial_ratio)
                 if shown:
                     yield "copy_partial", scramble(prob, rng, shown)
                     continue
@@ -304,7 +314,7 @@ def seen_questions(report: dict[str, Any]) -> set[str]:
     holds no problem the base model was trained on.
     """
     a = report["args"]
-    args = PretrainArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
+    args = args_from(a)
     splits = [read_split(Path(resolve(args.splits)) / f"{s}.jsonl") for s in ("train", "val", "test")]
     exclude = {r["question"] for rows in splits for r in rows}
     stream = iter(ProblemStream(args.seed, args.min_steps, args.max_steps, args.long_frac, args.long_steps, exclude))
@@ -549,8 +559,7 @@ def pretrain(args: PretrainArgs) -> Result:
             if kind == "prefix":
                 yield encode(tok, template, prob, "student", args.partial_ratio, args.prefix_steps)
             elif kind == "copy_partial":
-                shown = partial_view(prob["reasoning"], args.partial_ratio).count(".")
-                yield encode(tok, template, prob, "partial", args.partial_ratio, shown)
+                yield encode(tok, template, prob, "partial", args.partial_ratio, shown_steps(prob, args.partial_ratio))
             else:
                 yield encode(tok, template, prob, "full" if kind == "copy" else kind, args.partial_ratio)
 
