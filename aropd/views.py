@@ -87,6 +87,11 @@ class PromptTemplate:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @property
+    def trace_head(self) -> str:
+        """What the trace puts before the reasoning (``<reasoning>`` by default)."""
+        return self.trace.split("{reasoning}")[0]
+
     def _messages(self, user: str) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + [{"role": "user", "content": user}]

@@ -240,7 +240,7 @@ def encode(tok: Any, template: PromptTemplate, problem: dict[str, str], view: st
     prompt, target = getattr(ex, view), ex.reference
     if prefix_steps:
         steps = problem["reasoning"].split(" #")[:prefix_steps]
-        head = template.trace.split("{reasoning}")[0] + " #".join(steps)
+        head = template.trace_head + " #".join(steps)
         n = len(tok(head, add_special_tokens=False)["input_ids"])
         target = target[:n]
     return prompt + target, [-100] * len(prompt) + target
@@ -452,7 +452,7 @@ def _view_sums(
     """Per problem: the sums over its response tokens that :func:`view_divergence` averages."""
     model.eval()
     out: list[Sums] = []
-    open_tag = template.trace.split("{reasoning}")[0]
+    open_tag = template.trace_head
     for s in range(0, len(problems), batch_size):
         chunk = problems[s : s + batch_size]
         exs = [example(tok, template, p, ratio) for p in chunk]
