@@ -277,3 +277,19 @@ def test_runs_take_the_studys_lr_whatever_the_base_config_says(tmp_path):
     for r in cpu_study.plan(study.resolved()):
         model = yaml.safe_load(runs.resolve(r.subcommand, r.args))["model"]
         assert model["init_args"]["optimizer"]["init_args"]["lr"] == 2e-5, r.name
+
+
+def test_a_fit_that_exits_0_short_of_its_steps_is_a_failure_not_a_result(tmp_path, capsys):
+    """A fit can end with exit status 0 before max_steps (here a max_time): its last results are an
+    earlier step's, and the table would report them as the method's."""
+    cfg = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    cfg["trainer"]["max_time"] = "00:00:00:01"  # one second: over before the first step ends
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(cfg))
+    study = Study(root=tmp_path / "r", base_config=str(base), methods=["full_opd"]).resolved(quick=True)
+    planned = cpu_study.plan(study)
+    assert cpu_study.execute(planned) == ["full_opd/seed0"]
+    run = planned[0]
+    assert run.last_step() is not None and run.last_step() < 4
+    assert f"its last validation is at step {run.last_step()}, not 4" in capsys.readouterr().err
+    assert not (run.dir / "DONE").exists() and not run.finished()

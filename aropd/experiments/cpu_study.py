@@ -234,6 +234,8 @@ class StudyRun:
     """The arguments of ``aropd <subcommand>``."""
     config_hash: str
     """SHA-256 of its resolved config."""
+    steps: int
+    """The step its last validation must be at (``trainer.max_steps``; 0 for Base's validate)."""
 
     @property
     def name(self) -> str:
@@ -244,10 +246,15 @@ class StudyRun:
         path = runs.final_results(self.dir)
         return json.loads(path.read_text())["benchmarks"][BENCH] if path else None
 
+    def last_step(self) -> int | None:
+        """The global step of the run's latest validation, or None before any."""
+        path = runs.final_results(self.dir)
+        return json.loads(path.read_text())["meta"]["global_step"] if path else None
+
     def finished(self) -> bool:
-        """Done under this config, with results. A run still training has results already (its step-0
-        validation, the base model's): only ``DONE`` tells a finished run from it."""
-        return runs.status(self.dir, self.config_hash) == "finished" and self.results() is not None
+        """Done under this config, with results of its last step. A run still training has results
+        already (its step-0 validation, the base model's): only ``DONE`` tells a finished run from it."""
+        return runs.status(self.dir, self.config_hash) == "finished" and self.last_step() == self.steps
 
 
 def common_sets(s: Study) -> dict[str, str]:
@@ -285,7 +292,8 @@ def plan(s: Study) -> list[StudyRun]:
             configs = [s.base_config, *m.configs]
             subcommand = "fit" if m.trains else "validate"
             args = runs.run_args(configs, sets, d, resume=False)  # short runs, no checkpoints
-            out.append(StudyRun(m, seed, d, subcommand, args, runs.config_hash(runs.resolve(subcommand, args))))
+            out.append(StudyRun(m, seed, d, subcommand, args, runs.config_hash(runs.resolve(subcommand, args)),
+                                s.steps if m.trains else 0))
     return out
 
 
@@ -303,9 +311,13 @@ def execute(planned: list[StudyRun], subprocess: bool = False, force: bool = Fal
         start = time.time()
         rc = runs.launch(r.subcommand, r.args, r.dir / "fit.log", python=sys.executable if subprocess else None)
         seconds = round(time.time() - start, 1)
-        if rc != 0 or r.results() is None:
+        # A fit can exit 0 short of max_steps (a max_time, an early stop); its last results are then
+        # an earlier step's, and the table would report them as the method's.
+        step = r.last_step()
+        if rc != 0 or step != r.steps:
             failed.append(r.name)
-            print(f"{tag}: FAILED (exit {rc}) after {seconds}s; last lines of {r.dir / 'fit.log'}:\n"
+            why = f"exit {rc}" if rc != 0 else f"exit 0, but its last validation is at step {step}, not {r.steps}"
+            print(f"{tag}: FAILED ({why}) after {seconds}s; last lines of {r.dir / 'fit.log'}:\n"
                   + runs.log_tail(r.dir / "fit.log"), file=sys.stderr, flush=True)
             continue
         runs.write_done(r.dir, r.config_hash, seconds=seconds)
