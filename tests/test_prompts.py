@@ -15,7 +15,7 @@ from aropd.prompts import main
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 TOY_TRAIN = ROOT / "aropd" / "assets" / "toy" / "train.jsonl"
-TOY_VAL = ROOT / "aropd" / "assets" / "toy" / "val.jsonl"
+TOY_TEST = ROOT / "aropd" / "assets" / "toy" / "test.jsonl"  # the quickstart's toy benchmark data
 # The quickstart's template, written out here rather than read from the code under test.
 TEACHER_USER = "{question}\nExample: <reasoning>{reasoning}</reasoning><answer>{answer}</answer>\nNow you."
 
@@ -95,7 +95,7 @@ def test_shortened_trace_is_reported(capsys, toy_tokenizer):
 def test_benchmark_prompt(capsys, toy_tokenizer):
     main(["--config", QUICKSTART, "--benchmark", "toy"])
     out = capsys.readouterr().out
-    first = json.loads(TOY_VAL.read_text().splitlines()[0])
+    first = json.loads(TOY_TEST.read_text().splitlines()[0])
     assert f"benchmark toy: first record '0' (gold: {first['answer']})" in out
     head = next(line for line in out.splitlines() if line.startswith("--- validation prompt"))
     assert first["question"] in out and count(head) == len(chat_ids(toy_tokenizer, first["question"]))
