@@ -190,6 +190,17 @@ def test_quick_study_table_matches_the_runs(study):
         assert cells[1] == f"{100 * statistics.fmean(d):+.1f} ± {100 * se:.1f}", cells
         assert cells[2] == "8" and cells[3] == f"{d.count(1)} / {d.count(-1)}"
 
+    # on a subset of the problems (how the long problems' table is made): the same, on those alone
+    finished = [r for r in cpu_study.plan(Study(root=root).resolved(quick=True)) if r.finished()]
+    some, name = {"0", "3", "5", "6"}, {v: k for k, v in LABELS.items()}
+    subset = cpu_study.paired_rows(finished, some)
+    assert len(subset) == len(cpu_study.PAIRS)
+    for la, lb, p in subset:
+        ca, cb = correct(name[la]), correct(name[lb])
+        d = [ca[i] - cb[i] for i in sorted(some)]
+        assert p.n == 4 and p.diff == pytest.approx(statistics.fmean(d))
+        assert (p.a_better, p.b_better) == (d.count(1), d.count(-1))
+
 
 @pytest.mark.slow
 def test_finished_runs_are_skipped(study, capsys):
@@ -296,3 +307,22 @@ def test_a_fit_that_exits_0_short_of_its_steps_is_a_failure_not_a_result(tmp_pat
     assert run.last_step() is not None and run.last_step() < 4
     assert f"its last validation is at step {run.last_step()}, not 4" in capsys.readouterr().err
     assert not (run.dir / "DONE").exists() and not run.finished()
+
+
+def test_long_problems_are_those_whose_reference_is_that_many_toy_base_tokens():
+    """Counted here with the toy-base tokenizer itself (the reference response as training builds it),
+    not with the step formula the study uses."""
+    from transformers import AutoTokenizer
+
+    from aropd.experiments.pretrain import example
+    from aropd.toy import TOY_TEMPLATE, read_split
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "aropd/assets/toy-base")
+    rows = read_split(ROOT / "aropd/assets/toy/test.jsonl")
+    length = [len(example(tok, TOY_TEMPLATE, r, 0.5).reference) for r in rows]
+    for lo, hi in ((768, 1024), (512, 768), (256, 512)):
+        want = {str(i) for i, n in enumerate(length) if lo <= n < hi}
+        assert cpu_study.long_problems("aropd/assets/toy/test.jsonl", f"len_{lo}_{hi}") == want
+        assert 0 < len(want) < 10
+    assert cpu_study.long_problems("aropd/assets/toy/test.jsonl", "len_768_1024", limit=50) == \
+        {i for i in cpu_study.long_problems("aropd/assets/toy/test.jsonl", "len_768_1024") if int(i) < 50}

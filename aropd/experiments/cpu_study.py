@@ -41,6 +41,8 @@ Under them, for each pair of :data:`PAIRS` (A, B) with finished runs, a paired c
 test problems (``aropd.experiments.tables.paired_comparison``): each problem's score is its mean
 over a method's seeds (from the runs' ``toy.jsonl`` rows), Δ is the difference of accuracies ± its
 paired standard error over problems, and p the exact sign test on the problems each did better on.
+When the long-acc bucket is not the first, the same again on the problems whose reference solution
+is that long (:func:`long_problems`): the long-rollout comparison with a paired error bar.
 """
 
 from __future__ import annotations
@@ -427,6 +429,15 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
                 "score is its mean over the method's seeds; Δ is A's accuracy minus B's, ± the paired standard "
                 "error over problems; p is the exact sign test on the problems each method did better on "
                 "(McNemar's exact test with one seed).\n\n" + paired_table(pairs))
+        # The long-bucket column counts the responses that reach the bucket, a different set per run;
+        # the methods pair on the problems whose reference solution is that long.
+        from aropd.buckets import bucket_names
+
+        ids = long_problems(s.test_data, bucket, s.val_limit) if bucket not in (None, bucket_names("len")[0]) else set()
+        if ids:
+            span = bucket.removeprefix("len_").replace("_", "–")
+            out += (f"\nThe same on the {len(ids)} problems whose reference solution is {span} tokens long "
+                    "(the long-acc column's bucket; toy-base tokens):\n\n" + paired_table(paired_rows(finished, ids)))
     return out
 
 
@@ -460,15 +471,35 @@ def early_answer_chance(test_data: str) -> float:
                             for r in rows)
 
 
-def paired_rows(finished: list[StudyRun]) -> list[tuple[str, str, Paired]]:
-    """The :data:`PAIRS` whose two methods both have finished runs, compared problem by problem."""
+def paired_rows(finished: list[StudyRun], only: set[str] | None = None) -> list[tuple[str, str, Paired]]:
+    """The :data:`PAIRS` whose two methods both have finished runs, compared problem by problem (on the
+    problem ids in ``only``; None: all)."""
     labels = {m.name: m.label for m in methods()}
     scores: dict[str, dict[str, list[float]]] = {}
     for r in finished:
         for pid, score in per_problem(r.dir, BENCH).items():
-            scores.setdefault(r.method.name, {}).setdefault(pid, []).append(score)
+            if only is None or pid in only:
+                scores.setdefault(r.method.name, {}).setdefault(pid, []).append(score)
     return [(labels[a], labels[b], paired_comparison(scores[a], scores[b]))
             for a, b in PAIRS if a in scores and b in scores]
+
+
+def long_problems(test_data: str, bucket: str, limit: int | None = None) -> set[str]:
+    """Ids of the (first ``limit``) test problems whose reference solution is ``bucket`` long
+    (``len_<lo>_<hi>``), in toy-base tokens (``aropd.toy.approx_response_tokens``, exact for that
+    tokenizer). Unlike the responses that land in the bucket, these are the same problems for every
+    method, so the methods pair on them."""
+    import torch
+
+    from aropd.buckets import bucket_index, bucket_names
+    from aropd.paths import resolve
+    from aropd.toy import approx_response_tokens, parse_question, read_split
+
+    rows = read_split(resolve(test_data))[:limit]
+    lengths = torch.tensor([approx_response_tokens(len(parse_question(r["question"])[1])) for r in rows])
+    want = bucket_names("len").index(bucket)
+    return {str(r["id"]) if r.get("id") is not None else str(i)
+            for i, (r, b) in enumerate(zip(rows, bucket_index(lengths).tolist())) if b == want}
 
 
 def run_study(s: Study, force: bool = False, table_only: bool = False) -> int:
