@@ -294,10 +294,10 @@ def test_runs_take_the_studys_lr_whatever_the_base_config_says(tmp_path):
 
 
 def test_a_fit_that_exits_0_short_of_its_steps_is_a_failure_not_a_result(tmp_path, capsys):
-    """A fit can end with exit status 0 before max_steps (here a max_time): its last results are an
+    """A fit can end with exit status 0 before max_steps (here at max_epochs): its last results are an
     earlier step's, and the table would report them as the method's."""
     cfg = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
-    cfg["trainer"]["max_time"] = "00:00:00:01"  # one second: over before the first step ends
+    cfg["trainer"].update(max_epochs=1, limit_train_batches=1)  # one epoch of one batch: over after step 1
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(cfg))
     study = Study(root=tmp_path / "r", base_config=str(base), methods=["full_opd"]).resolved(quick=True)
