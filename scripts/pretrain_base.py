@@ -5,10 +5,10 @@ tokenizer on the toy task, with its test accuracy and KL(q_full || q_partial) in
     python scripts/pretrain_base.py --out aropd/assets/toy-base
 
 The committed ``aropd/assets/toy-base`` is two runs: the defaults (about 35 minutes on one core), then
-a label stage that continues their model (``LABEL_STAGE``, about 5 minutes)::
+a stage that continues their model on long problems (``LONG_STAGE``, about 15 minutes)::
 
     python scripts/pretrain_base.py --out runs/toy-base-stage1
-    python scripts/pretrain_base.py --label-stage --init runs/toy-base-stage1 --out aropd/assets/toy-base
+    python scripts/pretrain_base.py --long-stage --init runs/toy-base-stage1 --out aropd/assets/toy-base
 
 ``--views-only`` trains nothing: it recomputes the copy figures (``views``) of the model already in
 ``--out`` into its ``pretrain.json``, on the problems its recorded args name.
@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from aropd.experiments.pretrain import LABEL_STAGE, PretrainArgs, Result, args_from, pretrain, record_views
+from aropd.experiments.pretrain import LONG_STAGE, PretrainArgs, Result, args_from, pretrain, record_views
 
 
 def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
@@ -75,17 +75,17 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
                    help="long val problems whose copy ratio each probe also reports")
     g.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
                    help="save the model every N steps in OUT/snapshots/step-N (0: never)")
-    p.add_argument("--label-stage", action="store_true",
-                   help="the committed base's second run: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in LABEL_STAGE.items())
+    p.add_argument("--long-stage", action="store_true",
+                   help="the committed base's second run: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in LONG_STAGE.items())
                    + " (needs --init; an option given explicitly keeps its value)")
     p.add_argument("--views-only", action="store_true",
                    help="train nothing: recompute the copy figures of the model in --out into its pretrain.json")
-    if "--label-stage" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(**LABEL_STAGE)  # explicit options still win over the stage's values
+    if "--long-stage" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**LONG_STAGE)  # explicit options still win over the stage's values
     a = vars(p.parse_args(argv))
     views_only = a.pop("views_only")
-    if a.pop("label_stage") and a["init"] is None:
-        p.error("--label-stage continues a model: pass --init (the first run's folder)")
+    if a.pop("long_stage") and a["init"] is None:
+        p.error("--long-stage continues a model: pass --init (the first run's folder)")
     return args_from(a), views_only
 
 

@@ -244,14 +244,14 @@ def test_large_test_split_is_fresh_deterministic_and_drawn_like_the_test_split(t
     committed = {r["question"] for s in ("train", "val", "test") for r in read_split(ROOT / f"aropd/assets/toy/{s}.jsonl")}
     report = json.loads((ROOT / "aropd/assets/toy-base/pretrain.json").read_text())
     seen = seen_questions(report)
-    # every problem the base's run drew (the tokenizer's, then one per example; copy examples take the
-    # stream's problem too), replayed here from the recorded args. Short problems repeat in a stream this
-    # long (a one-step problem is one of a few thousand), so the set is smaller than the draws. The base
-    # is a continued run: the run it continued drew its own stream.
+    # every problem the base's run drew (the tokenizer's, then one per example: an example takes the
+    # stream's next problem even when it trains on a long one drawn apart, a long copy or a prefix),
+    # replayed here from the recorded args. Short problems repeat in a stream this long (a one-step
+    # problem is one of a few thousand), so the set is smaller than the draws. The base is a continued
+    # run: the run it continued drew its own stream.
     assert report["init_report"] and not report["init_report"].get("init_report")
     for run in (report, report["init_report"]):
         a = run["args"]
-        assert a["copy_long_frac"] == 0
         stream = ProblemStream(a["seed"], a["min_steps"], a["max_steps"], a["long_frac"], tuple(a["long_steps"]), committed)
         drawn = {p["question"] for p in islice(stream, a["tokenizer_problems"] + run["examples_seen"])}
         assert drawn <= seen and len(drawn) > 0.9 * (a["tokenizer_problems"] + run["examples_seen"])

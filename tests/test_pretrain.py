@@ -405,19 +405,18 @@ def test_committed_toy_base_meets_the_bar_and_is_the_scripts_default_output():
     short = report["views_by_length"]["short"]
     assert short["kl_full_partial_hidden_tokens"] > 0.05
     assert short["kl_full_partial_hidden_tokens"] > 3 * short["kl_full_partial_shown_tokens"]
-    # Made by two runs of scripts/pretrain_base.py: PretrainArgs' defaults, then `--label-stage --init
+    # Made by two runs of scripts/pretrain_base.py: PretrainArgs' defaults, then `--long-stage --init
     # runs/toy-base-stage1` from their model.
     defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(PretrainArgs()).items()}
     assert report["init_report"]["args"] == defaults
-    assert report["args"] == {**defaults, **pb.LABEL_STAGE, "init": "runs/toy-base-stage1"}
+    assert report["args"] == {**defaults, **pb.LONG_STAGE, "init": "runs/toy-base-stage1"}
 
 
 def test_committed_toy_base_counts_long_problems_down_to_the_last_step():
     """A long problem finishes only if its greedy trace names every step label from the question's ``#n``
     down to ``#1``, in order. Labels are single tokens and the highest are the rarest in pretraining:
-    the base before the label stage wrote ``#37`` for ``#78`` (1 of these 24 started right), then, with
-    the first labels learnt, skipped among ``#70``-``#90`` (15 of 24 whole, 1 of the 5 with 70 steps or
-    more)."""
+    an early base wrote ``#37`` for ``#78`` (1 of these 24 started right), then, with the first labels
+    learnt, skipped among ``#70``-``#90`` (15 of 24 whole, 1 of the 6 with 70 steps or more)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aropd.data import pad
@@ -436,8 +435,8 @@ def test_committed_toy_base_counts_long_problems_down_to_the_last_step():
         for p, o in zip(chunk, out):
             labels = [int(x) for x in re.findall(r"#(\d+) ", tok.decode(o[ids.shape[1]:], skip_special_tokens=True))]
             whole.append((pb.n_steps(p), labels == list(range(pb.n_steps(p), 0, -1))))
-    assert sum(ok for _, ok in whole) >= 20, whole  # measured: 22 of 24
-    assert sum(ok for n, ok in whole if n >= 70) >= 3, whole  # measured: 4 of 5
+    assert sum(ok for _, ok in whole) >= 20, whole  # measured: 24 of 24
+    assert sum(ok for n, ok in whole if n >= 70) >= 4, whole  # measured: 6 of 6
 
 
 def test_toy_base_tokenizer_gives_the_length_knobs_token_counts():
@@ -480,15 +479,14 @@ def test_committed_toy_base_copy_figures_reproduce():
         assert got["views"][key] == pytest.approx(value, rel=1e-5), key
     for group, figures in report["views_by_length"].items():
         assert got["views_by_length"][group] == pytest.approx(figures, rel=1e-5), group
-    # This base's full view copies the example trace on the short problems (the step range it was
-    # trained on): it predicts the tokens the partial view hides far better than the question alone
-    # (the bar: at most half the student's NLL; measured 0.004). Its partial view copies the steps it
-    # shows, so the views agree there and disagree where only the full view has the trace: KL on hidden
-    # tokens is a hundred times that on shown ones (the bar: several). On the long problems the full
-    # view does not copy (ratio ~3, worse than the question alone), and over all tokens the ratio is
-    # ~0.7, since the long traces hold half the hidden ones.
-    short, long = report["views_by_length"]["short"], report["views_by_length"]["long"]
-    assert short["copy_nll_ratio_hidden"] <= 0.5
-    assert short["nll_full_hidden_tokens"] < 0.5 * short["nll_partial_hidden_tokens"]
-    assert short["kl_hidden_to_shown_ratio"] >= 3
-    assert long["copy_nll_ratio_hidden"] > 1 and 0.5 < report["views"]["copy_nll_ratio_hidden"] < 1
+    # This base's full view copies the example trace, short and long: it predicts the tokens the
+    # partial view hides far better than the question alone (the bar: at most half the student's NLL;
+    # measured 0.05 on the short problems, 0.002 on the long, 0.007 over all). Its partial view copies
+    # the steps it shows, so the views agree there and disagree where only the full view has the
+    # trace: KL on hidden tokens is 80 times that on shown ones on the short problems (the bar:
+    # several). Over all tokens the long traces hold half the hidden ones, so both groups must pass.
+    views, short, long = report["views"], report["views_by_length"]["short"], report["views_by_length"]["long"]
+    for group in (views, short, long):
+        assert group["copy_nll_ratio_hidden"] <= 0.5
+        assert group["nll_full_hidden_tokens"] < 0.5 * group["nll_partial_hidden_tokens"]
+        assert group["kl_hidden_to_shown_ratio"] >= 3

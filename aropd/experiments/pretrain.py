@@ -17,18 +17,18 @@ draw no random numbers).
 
 Measured, on the committed base (two runs: the defaults, seed 2, a copy share of 0.3 from the first
 step, half of it partial-view copies, a tenth of the examples long-problem prefixes, 2% long problems
-of 13-90 steps, the model at step 1,200 of a 1,400-step schedule; then ``LABEL_STAGE``, 100 steps
+of 13-90 steps, the model at step 1,200 of a 1,400-step schedule; then ``LONG_STAGE``, 400 steps
 continuing it; one thread): see ``aropd/assets/toy-base/pretrain.json`` and docs/cpu_study.md. The
 arithmetic is learnt in a sharp transition (the loss sits near 0.5 for hundreds of steps, then falls
 as the units digits are learnt), so ``stop_at`` places the base inside the 20-60% accuracy band. A
 view copies the example trace only once an induction head forms, and whether and when it forms
 depends on the seed and the data order: in the first run both views copy from step ~800, before the
 arithmetic (the same recipe with six-step prefixes had not formed it by step 900, and had learnt the
-arithmetic first). On the short test problems the full view then predicts the tokens the partial
-view hides exactly (``copy_nll_ratio_hidden`` ~0.00) and the partial view copies what it is shown,
-so the views disagree about a hundred times more on hidden than on shown tokens; on the long problems
-the full view does not copy (ratio ~3: it stays the open part), though the label stage lets the
-student count down whole traces of up to 90 steps.
+arithmetic first). That copy holds only for traces of at most ``max_steps`` steps, the ones the run's
+copy examples had; the second run's long copy examples extend it to 90 steps. On the test problems
+the full view then predicts the tokens the partial view hides almost exactly
+(``copy_nll_ratio_hidden`` ~0.05 short, ~0.002 long) and the partial view copies what it is shown,
+so the views disagree about a hundred times more on hidden than on shown tokens.
 
 Options: ``copy_frac`` (a copy curriculum: full-view examples whose shown trace has random
 results, so only copying predicts them), with ``copy_long_frac`` of them long and
@@ -174,12 +174,15 @@ class PretrainArgs:
 
 
 # The committed base is two runs of the script: the defaults, then this continuation of their model
-# (``--label-stage --init <the first run's folder>``). The first run starts long problems at their label
-# but skips in the countdown among the highest labels (``#70``-``#90``, the rarest: only problems at least
-# that long teach their decrements), so few 69-90-step problems finish; 100 steps of six-step prefixes
-# of long problems at a low peak lr teach those decrements and leave the copy figures as they were.
-LABEL_STAGE: dict[str, Any] = {"seed": 3, "steps": 200, "stop_at": 100, "warmup": 20, "lr": 5e-4,
-                               "prefix_frac": 0.3, "prefix_steps": 6}
+# (``--long-stage --init <the first run's folder>``), which teaches the long problems two things the
+# first run leaves out. Their labels: the first run skips in the countdown among the highest
+# (``#70``-``#90``, the rarest: only problems at least that long teach their decrements), which
+# six-step prefixes of long problems teach. Their copy: the first run's views copy only traces of
+# at most ``max_steps`` steps (a 13-25-step trace is computed, not copied); half of the examples
+# here are copy examples of 13-90-step scrambled traces, and both views copy long traces from
+# about step 150 on, their short copy figures kept.
+LONG_STAGE: dict[str, Any] = {"seed": 3, "steps": 400, "stop_at": 400, "warmup": 20, "lr": 5e-4,
+                              "prefix_frac": 0.3, "prefix_steps": 6, "copy_frac": 0.5, "copy_long_frac": 1.0}
 
 
 def args_from(values: dict[str, Any]) -> PretrainArgs:
