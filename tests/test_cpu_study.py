@@ -261,6 +261,13 @@ def test_large_test_split_is_fresh_deterministic_and_drawn_like_the_test_split(t
     assert all(not check_reasoning(r) for r in rows)
     again = cpu_study.large_test_split(1000, tmp_path / "b.jsonl", "aropd/assets/toy-base")
     assert again.read_bytes() == path.read_bytes()
+    # A study's chunks run side by side on one file: the same split is not written again, and another
+    # one replaces it whole (no temporary file left beside it).
+    before = again.stat()
+    cpu_study.large_test_split(1000, again, "aropd/assets/toy-base")
+    assert (again.stat().st_ino, again.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    cpu_study.large_test_split(10, again, "aropd/assets/toy-base")
+    assert len(read_split(again)) == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
     assert len(get_benchmark("toy").load(str(path))) == 1000  # the benchmark reads it as a split
     s = Study(root=tmp_path, test_size=1000).resolved()
     assert s.test_data == str(tmp_path / "toy_test1000.jsonl")

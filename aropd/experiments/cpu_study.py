@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -209,8 +210,15 @@ def large_test_split(n: int, path: Path, model: str, seed: int = 1) -> Path:
     if report.is_file():
         exclude |= seen_questions(json.loads(report.read_text()))
     rows = make_split(n, seed, exclude=exclude, **EVAL_SPLIT)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    # Chunks of one study run side by side: one may be validating on the file another would rewrite,
+    # so the same split is left alone and a new one replaces the file whole.
+    if path.is_file() and path.read_text() == text:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path
 
 
