@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from aropd.checkpointing import ResumableCheckpoint, is_sharded_checkpoint, unreadable_checkpoint_reason
 from aropd.data import PrivilegedDataModule
+from aropd.experiments.runs import fit_end, write_fit_end
 from aropd.module import StudentModule
 from aropd.precheck import DEFAULT_CLASSES, LINKS
 
@@ -112,6 +113,7 @@ class AropdCLI(LightningCLI):
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective under distributed strategies: every rank asks
         if self.trainer.is_global_zero:
+            write_fit_end(Path(log_dir), fit_end(self.trainer))
             print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
 
 

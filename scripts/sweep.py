@@ -8,7 +8,8 @@
         [--table-only]
 
 Each run goes to <root>/<name>/<run>/ (its log dir, with run.json, fit.log and DONE), named after its
-grid values (lam=0.6). A run whose DONE exists under the same resolved config is skipped; one recorded
+grid values (lam=0.6). DONE is written once a fit exits 0 having completed (not run out of max_time).
+A run whose DONE exists under the same resolved config is skipped; one recorded
 under another config is stale (skipped, or with --force moved aside and rerun). Every command ends in
 --ckpt_path last, so an unfinished run resumes. --slurm writes <run>/job.sbatch per pending run
 (--submit also sbatches it). The finished runs' table goes to <root>/<name>/table.md. The library is

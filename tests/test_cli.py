@@ -237,3 +237,28 @@ def test_a_fit_stopped_by_sigterm_exits_143_not_0(tmp_path, monkeypatch):
             "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=test_cli.SigtermAtStep2"]
     assert runs.launch("fit", args, tmp_path / "fit.log") == 143
     assert "aropd: stopped by SIGTERM; exit status 143" in (tmp_path / "fit.log").read_text()
+
+
+def test_fit_end_records_a_completed_fit_and_one_that_ran_out_of_time(tmp_path, monkeypatch):
+    """``fit_end.json`` tells a completed fit from one stopped by ``max_time``: both exit 0, and only the
+    first may be counted as finished (a sweep's ``DONE``); the second resumes from ``last.ckpt``."""
+    from aropd.experiments.runs import unfinished_fit
+
+    monkeypatch.chdir(ROOT)
+    small = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--data.init_args.val_benchmarks",
+             "[{name: toy, limit: 2}]", "--model.init_args.max_new_tokens", "8", "--model.init_args.val_max_new_tokens", "4"]
+    done = _fit(tmp_path / "done", *small)
+    record = json.loads((done / "fit_end.json").read_text())
+    assert isinstance(record.pop("epoch"), int)  # how many passes over the data 3 steps took
+    assert record == {"global_step": 3, "max_steps": 3, "max_epochs": -1, "out_of_time": False, "complete": True}
+    assert unfinished_fit(done) is None
+    # No time at all: the timer stops the fit before its first optimizer step, and it exits normally.
+    cut = _fit(tmp_path / "cut", *small, "--trainer.max_time", "00:00:00:00")
+    record = json.loads((cut / "fit_end.json").read_text())
+    assert record["global_step"] == 0 and record["out_of_time"] and not record["complete"]
+    assert "ran out of max_time at step 0 of 3" in unfinished_fit(cut)
+    assert "did not return" in unfinished_fit(tmp_path)  # no fit_end.json there
+    proc = subprocess.run([sys.executable, "-m", "aropd.experiments.runs", str(cut)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "ran out of max_time" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "aropd.experiments.runs", str(done)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

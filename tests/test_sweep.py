@@ -139,7 +139,8 @@ def test_slurm_scripts_pass_bash_n_and_write_done_on_success(tmp_path, monkeypat
     monkeypatch.chdir(ROOT)
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "srun").write_text('#!/bin/sh\necho "srun $*" >> "$SRUN_LOG"\n')
+    # The stand-in srun logs its command and leaves the fit_end.json a fit would (FIT_END, in FIT_END_DIR).
+    (fake_bin / "srun").write_text('#!/bin/sh\necho "srun $*" >> "$SRUN_LOG"\nprintf "%s" "$FIT_END" > "$FIT_END_DIR/fit_end.json"\n')
     (fake_bin / "sbatch").write_text('#!/bin/sh\necho "$1" >> "$SBATCH_LOG"\necho "Submitted batch job 42"\n')
     for f in fake_bin.iterdir():
         f.chmod(0o755)
@@ -162,10 +163,18 @@ def test_slurm_scripts_pass_bash_n_and_write_done_on_success(tmp_path, monkeypat
             assert line in text.splitlines(), line
         assert "--trainer.num_nodes 2 --trainer.devices 4" in text and "--ckpt_path last" in text
         assert not (s.parent / "DONE").exists()
-    # Run one job script with a stand-in srun: it runs `aropd fit` through srun, then writes DONE.
+    # Run one job script with a stand-in srun: it runs `aropd fit` through srun, then writes DONE if the
+    # fit completed. A fit that ran out of max_time exits 0 as well: the job fails and writes no DONE.
     run = scripts[0].parent
-    env = {**os.environ, "SRUN_LOG": str(tmp_path / "srun.log"), "SLURM_JOB_ID": "42"}
-    proc = subprocess.run(["bash", str(scripts[0])], capture_output=True, text=True, env=env)
+    env = {**os.environ, "SRUN_LOG": str(tmp_path / "srun.log"), "SLURM_JOB_ID": "42", "FIT_END_DIR": str(run)}
+    out_of_time = {"global_step": 5, "max_steps": 9, "epoch": 0, "max_epochs": -1, "out_of_time": True, "complete": False}
+    proc = subprocess.run(["bash", str(scripts[0])], capture_output=True, text=True,
+                          env={**env, "FIT_END": json.dumps(out_of_time)})
+    assert proc.returncode != 0 and "ran out of max_time at step 5 of 9" in proc.stderr
+    assert not (run / "DONE").exists()
+    (tmp_path / "srun.log").unlink()
+    complete = {**out_of_time, "global_step": 9, "out_of_time": False, "complete": True}
+    proc = subprocess.run(["bash", str(scripts[0])], capture_output=True, text=True, env={**env, "FIT_END": json.dumps(complete)})
     assert proc.returncode == 0, proc.stderr
     assert re.match(r"srun \S+ -m aropd fit --config ", (tmp_path / "srun.log").read_text())
     done = json.loads((run / "DONE").read_text())
@@ -221,3 +230,16 @@ def test_force_moves_a_stale_run_aside_and_starts_it_afresh(tmp_path, monkeypatc
     aside = list(run.parent.glob(f"{RUNS[0]}.stale-*"))
     assert len(aside) == 1 and (aside[0] / "fit.log").read_text() == "old\n"
     assert (run / "job.sbatch").exists() and not (run / "DONE").exists()
+
+
+def test_a_run_that_exits_0_out_of_time_is_not_finished(tmp_path, monkeypatch, capsys):
+    """A fit stopped by ``max_time`` exits 0 like a finished one; the sweep reads its ``fit_end.json``,
+    writes no ``DONE`` and leaves it out of the table, so the next sweep resumes it."""
+    monkeypatch.chdir(ROOT)
+    one = replace(tiny_sweep(tmp_path, **{"trainer.max_time": "00:00:00:00"}), grid={LAM: ["0.6"]})
+    assert run_sweep(one) == 1
+    captured = capsys.readouterr()
+    assert "NOT FINISHED (exit 0)" in captured.err and "ran out of max_time at step 0 of 2" in captured.err
+    run = tmp_path / "runs" / "grid" / "lam=0.6"
+    assert (run / "fit_end.json").is_file() and not (run / "DONE").exists()
+    assert "no finished run" in captured.out and not (tmp_path / "runs" / "grid" / "table.md").exists()

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -201,6 +200,7 @@ def large_test_split(n: int, path: Path, model: str, seed: int = 1) -> Path:
     bring it to about ±1.5, and paired comparisons lower it further.
     """
     from aropd.experiments.pretrain import seen_questions
+    from aropd.io import atomic_write_text
     from aropd.paths import resolve
     from aropd.toy import EVAL_SPLIT, make_split, read_split
 
@@ -216,9 +216,7 @@ def large_test_split(n: int, path: Path, model: str, seed: int = 1) -> Path:
     if path.is_file() and path.read_text() == text:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 

@@ -2,9 +2,15 @@
 
 A run folder is the run's log dir: ``config.yaml`` (resolved), TensorBoard events, ``checkpoints/``,
 ``val/step_<k>/results.json`` (``validate/results.json`` for ``aropd validate``), plus ``run.json``
-(what was launched), ``fit.log`` and ``DONE``. ``DONE`` is written only after the run exited 0 and
-holds the SHA-256 of the run's resolved config, so a finished run can be told from one that would
-now get another config (a base config or a default changed): that run is *stale*.
+(what was launched), ``fit.log``, ``fit_end.json`` and ``DONE``. ``aropd fit`` writes
+``fit_end.json`` when a fit returns: its step and epoch against the trainer's limits, and whether it
+ran out of ``max_time`` first. A fit that ran out of time exits 0 like a finished one (a scheduler's
+time-boxed run, to be resumed from ``last.ckpt``), so ``DONE`` is written only after the run exited
+0 *and* its ``fit_end.json`` says it completed. It holds the SHA-256 of the run's resolved config,
+so a finished run can be told from one that would now get another config (a base config or a
+default changed): that run is *stale*.
+
+    python -m aropd.experiments.runs RUN_DIR  # exit 0 if the fit in RUN_DIR completed, else 1 and why
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import io
 import json
 import shlex
 import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -92,6 +99,43 @@ def write_record(run_dir: Path, **fields: Any) -> None:
     (run_dir / "run.json").write_text(json.dumps(fields, indent=2) + "\n")
 
 
+FIT_END = "fit_end.json"
+
+
+def fit_end(trainer: Any) -> dict[str, Any]:
+    """How a fit ended: ``global_step``, ``epoch`` and the trainer's ``max_steps`` / ``max_epochs``,
+    ``out_of_time`` (its ``max_time`` ran out) and ``complete`` (it reached a step or epoch limit, or
+    stopped for another reason than time: an early-stopping callback's decision is the run's end)."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    out_of_time = remaining is not None and remaining <= 0
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    reached = (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps) or (
+        max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs)
+    return {"global_step": trainer.global_step, "max_steps": max_steps, "epoch": trainer.current_epoch,
+            "max_epochs": max_epochs, "out_of_time": out_of_time, "complete": bool(reached or not out_of_time)}
+
+
+def write_fit_end(log_dir: Path, record: dict[str, Any]) -> None:
+    from aropd.io import atomic_write_text
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(log_dir / FIT_END, json.dumps(record) + "\n")
+
+
+def unfinished_fit(run_dir: Path) -> str | None:
+    """Why the fit in ``run_dir`` is not complete (None: it is), from its ``fit_end.json``."""
+    record = read_json(run_dir / FIT_END)
+    if record is None:
+        return f"no readable {run_dir / FIT_END}: the fit did not return"
+    if not record.get("complete"):
+        return (f"it ran out of max_time at step {record.get('global_step')} of {record.get('max_steps')} "
+                f"(epoch {record.get('epoch')} of {record.get('max_epochs')}); run it again to resume from last.ckpt")
+    return None
+
+
 def write_done(run_dir: Path, config_hash: str, **fields: Any) -> None:
     done = {"config_hash": config_hash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
     (run_dir / "DONE").write_text(json.dumps(done) + "\n")
@@ -139,3 +183,11 @@ def log_tail(log: Path, lines: int = 15) -> str:
     """The last lines of a run's log, indented, for a failure message."""
     tail = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
     return "    " + "\n    ".join(tail)
+
+
+if __name__ == "__main__":  # a SLURM job script's check before it writes DONE
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m aropd.experiments.runs RUN_DIR")
+    why = unfinished_fit(Path(sys.argv[1]))
+    if why:
+        sys.exit(f"{sys.argv[1]}: not finished: {why}")

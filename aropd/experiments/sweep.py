@@ -10,7 +10,8 @@ job resubmitted) resumes from its last checkpoint when its config saves one.
 
 Locally the runs go one after another, each ``python -m aropd fit ...`` in its own process. With
 SLURM each pending run gets a job script ``<run>/job.sbatch`` (``srun`` one task per GPU; the script
-writes ``DONE`` after success), optionally submitted. Nodes and GPUs default to the config's
+writes ``DONE`` once the fit completed), optionally submitted. A fit that exits 0 without completing
+(it ran out of ``max_time``: ``aropd.experiments.runs``) gets no ``DONE``, so the next sweep resumes it. Nodes and GPUs default to the config's
 ``trainer.num_nodes`` and ``trainer.devices``; other values are passed on as overrides, so the job
 and the trainer agree. The finished runs' table goes to ``<root>/<name>/table.md``.
 """
@@ -193,7 +194,7 @@ def plan(sweep: Sweep) -> list[Run]:
 
 # ---- SLURM ------------------------------------------------------------------------------------------
 def slurm_script(run: Run, sweep: Sweep) -> str:
-    """The job script of one run: ``srun`` one task per GPU, then ``DONE`` after success."""
+    """The job script of one run: ``srun`` one task per GPU, then ``DONE`` if the fit completed."""
     s = sweep.slurm or Slurm()
     t = run.resolved.get("trainer", {})
     nodes = s.nodes or int(t.get("num_nodes") or 1)
@@ -218,6 +219,8 @@ def slurm_script(run: Run, sweep: Sweep) -> str:
         *s.setup,
         "export TOKENIZERS_PARALLELISM=false",
         "srun " + shlex.join([sweep.python, "-m", "aropd", "fit", *run.args]),
+        "# A fit that ran out of max_time exits 0 too: DONE only if it completed.",
+        shlex.join([sweep.python, "-m", "aropd.experiments.runs", str(run.dir)]),
         f"printf {shlex.quote(done + chr(10))} \"$(date -Iseconds)\" \"${{SLURM_JOB_ID:-}}\" "
         f"> {shlex.quote(str(run.dir / 'DONE'))}",
     ]
@@ -277,6 +280,11 @@ def execute(sweep: Sweep, planned: list[Run], dry_run: bool = False, force: bool
             failed.append(run.name)
             print(f"{tag}: FAILED (exit {rc}) after {seconds}s; last lines of fit.log:\n"
                   + runs.log_tail(run.dir / "fit.log"), file=sys.stderr)
+            continue
+        unfinished = runs.unfinished_fit(run.dir)
+        if unfinished:
+            failed.append(run.name)
+            print(f"{tag}: NOT FINISHED (exit 0) after {seconds}s: {unfinished}", file=sys.stderr)
             continue
         runs.write_done(run.dir, run.config_hash, seconds=seconds)
         print(f"{tag}: finished in {seconds}s")
