@@ -193,7 +193,7 @@ def test_quick_study_table_matches_the_runs(study):
     # on a subset of the problems (how the long problems' table is made): the same, on those alone
     finished = [r for r in cpu_study.plan(Study(root=root).resolved(quick=True)) if r.finished()]
     some, name = {"0", "3", "5", "6"}, {v: k for k, v in LABELS.items()}
-    subset = cpu_study.paired_rows(finished, some)
+    subset = cpu_study.paired_rows(cpu_study.problem_scores(finished), some)
     assert len(subset) == len(cpu_study.PAIRS)
     for la, lb, p in subset:
         ca, cb = correct(name[la]), correct(name[lb])

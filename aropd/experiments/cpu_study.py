@@ -429,7 +429,8 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
     if gaps:
         out += ("\nSupport gap (full-view minus partial-view support mismatch, nucleus 0.9) by completion "
                 "position, mean over each run's steps and over seeds:\n\n" + gaps)
-    pairs = paired_rows(finished)
+    scores = problem_scores(finished)  # each run's per-problem rows, read once for both tables
+    pairs = paired_rows(scores)
     if pairs:
         out += ("\nPaired per-problem comparisons (every run scored on the same test problems): a problem's "
                 "score is its mean over the method's seeds; Δ is A's accuracy minus B's, ± the paired standard "
@@ -443,7 +444,7 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         if ids:
             span = bucket.removeprefix("len_").replace("_", "–")
             out += (f"\nThe same on the {len(ids)} problems whose reference solution is {span} tokens long "
-                    "(the long-acc column's bucket; toy-base tokens):\n\n" + paired_table(paired_rows(finished, ids)))
+                    "(the long-acc column's bucket; toy-base tokens):\n\n" + paired_table(paired_rows(scores, ids)))
     return out
 
 
@@ -477,15 +478,22 @@ def early_answer_chance(test_data: str) -> float:
                             for r in rows)
 
 
-def paired_rows(finished: list[StudyRun], only: set[str] | None = None) -> list[tuple[str, str, Paired]]:
-    """The :data:`PAIRS` whose two methods both have finished runs, compared problem by problem (on the
-    problem ids in ``only``; None: all)."""
-    labels = {m.name: m.label for m in methods()}
+def problem_scores(finished: list[StudyRun]) -> dict[str, dict[str, list[float]]]:
+    """Each method's per-problem scores over its finished runs: ``{method: {problem id: [score per seed]}}``."""
     scores: dict[str, dict[str, list[float]]] = {}
     for r in finished:
         for pid, score in per_problem(r.dir, BENCH).items():
-            if only is None or pid in only:
-                scores.setdefault(r.method.name, {}).setdefault(pid, []).append(score)
+            scores.setdefault(r.method.name, {}).setdefault(pid, []).append(score)
+    return scores
+
+
+def paired_rows(scores: dict[str, dict[str, list[float]]], only: set[str] | None = None) -> list[tuple[str, str, Paired]]:
+    """The :data:`PAIRS` whose two methods both have scores (:func:`problem_scores`), compared problem by
+    problem (on the problem ids in ``only``; None: all)."""
+    labels = {m.name: m.label for m in methods()}
+    if only is not None:
+        kept = {m: {pid: v for pid, v in by_pid.items() if pid in only} for m, by_pid in scores.items()}
+        scores = {m: by_pid for m, by_pid in kept.items() if by_pid}
     return [(labels[a], labels[b], paired_comparison(scores[a], scores[b]))
             for a, b in PAIRS if a in scores and b in scores]
 

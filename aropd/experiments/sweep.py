@@ -11,9 +11,9 @@ job resubmitted) resumes from its last checkpoint when its config saves one.
 Locally the runs go one after another, each ``python -m aropd fit ...`` in its own process. With
 SLURM each pending run gets a job script ``<run>/job.sbatch`` (``srun`` one task per GPU; the script
 writes ``DONE`` once the fit completed), optionally submitted. A fit that exits 0 without completing
-(it ran out of ``max_time``: ``aropd.experiments.runs``) gets no ``DONE``, so the next sweep resumes it. Nodes and GPUs default to the config's
-``trainer.num_nodes`` and ``trainer.devices``; other values are passed on as overrides, so the job
-and the trainer agree. The finished runs' table goes to ``<root>/<name>/table.md``.
+(it ran out of ``max_time``: ``aropd.experiments.runs``) gets no ``DONE``, so the next sweep resumes
+it. Nodes and GPUs default to the config's ``trainer.num_nodes`` and ``trainer.devices``; other
+values are passed on as overrides, so the job and the trainer agree. The finished runs' table goes to ``<root>/<name>/table.md``.
 """
 
 from __future__ import annotations
