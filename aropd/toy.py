@@ -42,6 +42,7 @@ import math
 import random
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from aropd.views import PromptTemplate
 
@@ -165,6 +166,41 @@ def check_reasoning(problem: dict[str, str]) -> list[str]:
     if problem["answer"] != f"{value:02d}":
         errors.append(f"answer {problem['answer']!r} != {value:02d}")
     return errors
+
+
+class StepCheck(NamedTuple):
+    """How a response's written steps follow from one another (:func:`check_steps`)."""
+
+    steps: int
+    """Steps written, up to the question's step count."""
+    non_sequiturs: int
+    """Steps that do not follow from what the response wrote before them: the input is not the previous
+    step's result (the start value for the first step), or the result is not the question's operation
+    applied to the input."""
+    rejoins: int
+    """Non-sequiturs after the response's own chain has left the correct one whose result is the correct
+    chain's value: a step back onto the reference's values that the written steps do not lead to. A
+    full view endorses exactly these after a student's slip (it copies the reference); a student that
+    learns them has learnt a hindsight shortcut."""
+
+
+def check_steps(question: str, response: str) -> StepCheck:
+    """Check each ``#i <op>k on aa=bb.`` step of a model's ``response`` to a toy ``question`` against the
+    response's own earlier steps (not against the reference): a wrong value that the next steps carry
+    on from is one slip, not a run of errors."""
+    value, chain = parse_question(question)
+    correct, written = value, value  # the correct chain's value and the response's, before each step
+    steps = non_seq = rejoins = 0
+    for m, (op, k) in zip(_STEP.finditer(response), chain):
+        a, b = int(m.group(4)), int(m.group(5))
+        steps += 1
+        off_chain = written != correct
+        correct = apply_op(correct, op, k)
+        if a != written or b != apply_op(a, op, k):
+            non_seq += 1
+            rejoins += off_chain and b == correct
+        written = b
+    return StepCheck(steps, non_seq, rejoins)
 
 
 def approx_response_tokens(steps: int) -> int:

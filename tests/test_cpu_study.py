@@ -116,6 +116,14 @@ def test_quick_study_table_matches_the_runs(study):
     assert gap_header[:2] == ["Method", "0–256"]
     assert chance_note(table) == pytest.approx(100 * naive_early_chance(cpu_study.ROOT / "aropd/assets/toy/test.jsonl"), abs=0.05)
 
+    from aropd.toy import check_steps, read_split
+
+    test_rows = read_split(ROOT / "aropd/assets/toy/test.jsonl")  # no ids: a row's id is its index
+    assert header[10:] == ["Non-seq. steps (%)", "Rejoins (%)"]
+
+    def res_dir(run_dir):
+        return run_dir / "validate" if run_dir.parent.name == "base" else run_dir / "val" / "step_4"
+
     for name, label in LABELS.items():
         run_dir = root / name / "seed0"
         cells = rows[label]
@@ -131,8 +139,15 @@ def test_quick_study_table_matches_the_runs(study):
         assert toy[f"count_{bucket}"] > 0
         close(cells[3], 100 * toy[f"acc_{bucket}"], ".1f")
         close(cells[4], toy[f"count_{bucket}"], ".1f")
+        # the step checks of the validation responses, summed over the responses (every row has them)
+        responses = [json.loads(ln) for ln in (res_dir(run_dir) / "toy.jsonl").read_text().splitlines()]
+        checks = [check_steps(test_rows[int(r["id"])]["question"], r["response"]) for r in responses]
+        steps = sum(c.steps for c in checks)
+        assert steps > 0
+        close(cells[10], 100 * sum(c.non_sequiturs for c in checks) / steps, ".2f")
+        close(cells[11], 100 * sum(c.rejoins for c in checks) / steps, ".2f")
         if name in NO_ROLLOUT:
-            assert cells[5:] == ["n/a"] * 5, (label, cells)
+            assert cells[5:10] == ["n/a"] * 5, (label, cells)
             assert label not in gap_rows
             continue
         tb = tb_scalars(run_dir)

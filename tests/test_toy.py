@@ -14,6 +14,7 @@ from aropd.toy import (
     apply_op,
     approx_response_tokens,
     check_reasoning,
+    check_steps,
     make_problem,
     make_split,
     parse_question,
@@ -232,3 +233,32 @@ def test_scramble_of_the_first_steps_keeps_the_later_arithmetic():
     assert steps[2][2:] == (f"{r2:02d}", f"{r3:02d}") and steps[3][2:] == (f"{r3:02d}", f"{r4:02d}")
     assert got["answer"] == f"{r4:02d}"
     assert scramble(HAND, random.Random(4), steps=0) == HAND  # nothing scrambled: the worked solution
+
+
+# HAND's question (98; -2, *7, -2, *7; correct chain 96, 72, 70, 90) answered with slips, checked by hand.
+@pytest.mark.parametrize("response, expected", [
+    # the reference itself: every step follows
+    ("<reasoning>#4 -2 on 98=96. #3 *7 on 96=72. #2 -2 on 72=70. #1 *7 on 70=90.</reasoning><answer>90</answer>",
+     (4, 0, 0)),
+    # one slip (96*7 written as 73), then the next steps carry on from it (73-2=71, 71*7=497 -> 97):
+    # one non-sequitur, no rejoin
+    ("#4 -2 on 98=96. #3 *7 on 96=73. #2 -2 on 73=71. #1 *7 on 71=97.", (4, 1, 0)),
+    # the same slip, then a step that writes the slipped input but the reference's result (70, not
+    # 71): the hindsight shortcut, a non-sequitur back on the correct chain; then on from 70
+    ("#4 -2 on 98=96. #3 *7 on 96=73. #2 -2 on 73=70. #1 *7 on 70=90.", (4, 2, 1)),
+    # a copy slip: the input is not the previous result (72 written as 27), and 27-2=25 follows from it
+    ("#4 -2 on 98=96. #3 *7 on 96=72. #2 -2 on 27=25.", (3, 1, 0)),
+    # back on the chain by copying the correct value rather than the slipped one (70 after writing 71):
+    # a non-sequitur whose result 90 is the correct chain's, so a rejoin
+    ("#4 -2 on 98=96. #3 *7 on 96=72. #2 -2 on 72=71. #1 *7 on 70=90.", (4, 2, 1)),
+    # a miscopied input (69 for 96) with the correct chain's result: a non-sequitur, but no rejoin, since
+    # the response had not left the correct chain before it
+    ("#4 -2 on 98=96. #3 *7 on 69=72.", (2, 1, 0)),
+    # a slip in the first step, then steps that follow from it (72*7=504 -> 04): one non-sequitur
+    ("#4 -2 on 98=72. #3 *7 on 72=04.", (2, 1, 0)),
+    # steps past the question's count are not checked, and text that is no step is skipped
+    ("#4 -2 on 98=96. junk #3 *7 on 96=72. #2 -2 on 72=70. #1 *7 on 70=90. #0 -2 on 90=11.", (4, 0, 0)),
+    ("", (0, 0, 0)),
+])
+def test_check_steps_counts_slips_against_the_responses_own_steps(response, expected):
+    assert tuple(check_steps(HAND["question"], response)) == expected

@@ -32,7 +32,14 @@ The table (``<root>/table.md``) has, per method, mean ± sample std over seeds o
 - **Shift @1**: ``diag/privileged_shift`` at the first step, where the teacher is still the base
   model: how much the privileged views differ on the base model.
 
-SFT has no rollout and no teacher, Base no training: their diagnostic columns are ``n/a``.
+- **Non-seq. steps**: the share of the written steps of the final validation responses that do not
+  follow from the response's own earlier steps (``aropd.toy.check_steps``; percent): the student's
+  slips, and also what a target that endorses the reference's values after a slip teaches;
+- **Rejoins**: the share of written steps that are non-sequiturs landing back on the correct chain
+  after the response has left it (percent): the hindsight shortcut itself, in the student's output.
+
+SFT has no rollout and no teacher, Base no training: their diagnostic columns are ``n/a`` (the
+last two come from the validation responses, so every row has them).
 
 A second table gives the support gap (``diag/support_gap/pos_<lo>_<hi>``: full-view minus
 partial-view support mismatch) per completion-position bucket, mean over the run and over seeds.
@@ -347,11 +354,13 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {t: sorted(v, key=lambda sv: sv[0]) for t, v in out.items()}
 
 
-def run_values(run: StudyRun, bucket: str | None) -> dict[str, float | None]:
-    """The table's numbers of one finished run (fractions, not percent)."""
+def run_values(run: StudyRun, bucket: str | None, questions: dict[str, str]) -> dict[str, float | None]:
+    """The table's numbers of one finished run (fractions, not percent); ``questions``: the test split's
+    questions by problem id (:func:`test_questions`)."""
     toy = run.results() or {}
     out: dict[str, float | None] = {"acc": toy["accuracy"], "long_acc": toy.get(f"acc_{bucket}") if bucket else None,
                                     "long_n": toy.get(f"count_{bucket}") if bucket else None}
+    out.update(step_rates(run.dir, questions))
     tb = scalars(run.dir) if run.method.rollout else {}
     mean = lambda tag: statistics.fmean(v for _, v in tb[tag]) if tb.get(tag) else None  # noqa: E731
     out["shortcut"] = mean(SHORTCUT_TAG)
@@ -393,13 +402,18 @@ COLUMNS = [  # key, header, scale, format
     ("early", "Early answer (%)", 100.0, ".1f"),
     ("shift", "Priv. shift (nats)", 1.0, ".3g"),
     ("shift_first", "Shift @step 1 (nats)", 1.0, ".3g"),
+    ("non_seq", "Non-seq. steps (%)", 100.0, ".2f"),
+    ("rejoin", "Rejoins (%)", 100.0, ".2f"),
 ]
+# From the validation responses, so every row has them (the others need a rollout and a teacher).
+RESPONSE_COLUMNS = ("acc", "long_acc", "long_n", "non_seq", "rejoin")
 
 
 def make_table(planned: list[StudyRun], s: Study) -> str:
     finished = [r for r in planned if r.finished()]
     bucket = longest_common_bucket(finished) if finished else None
-    values = {r.name: run_values(r, bucket) for r in finished}  # one read of each run's events for both tables
+    questions = test_questions(s.test_data)
+    values = {r.name: run_values(r, bucket, questions) for r in finished}  # one read of each run's events for both tables
     header = ["Method", "Seeds"] + [h.format(bucket=(bucket or "none").removeprefix("len_").replace("_", "–"))
                                     for _, h, _, _ in COLUMNS]
     rows = []
@@ -410,7 +424,7 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         vals = [values[r.name] for r in mine]
         cells = [m.label, ",".join(str(r.seed) for r in mine)]
         for key, _, scale, fmt in COLUMNS:
-            diagnostic = key not in ("acc", "long_acc", "long_n")
+            diagnostic = key not in RESPONSE_COLUMNS
             cells.append("n/a" if diagnostic and not m.rollout else mean_std([v[key] for v in vals], scale, fmt))
         rows.append(cells)
     notes = [
@@ -419,7 +433,8 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         f"`{BENCH}` test split `{s.test_data}`" + (f" (first {s.val_limit})" if s.val_limit else "") + ".",
         "Mean ± sample std over seeds (± 0.0: one run). Shortcut, early answer and privileged shift are "
         "means over all logged training steps; Shift @step 1 is the first step (teacher = base model). "
-        "Base: one greedy validation, no training; SFT: no rollout or teacher, so n/a.",
+        "Base: one greedy validation, no training; SFT: no rollout or teacher, so n/a. Non-seq. steps and "
+        "rejoins: per 100 steps of the validation responses (`aropd.toy.check_steps`).",
     ]
     chance = early_answer_chance(s.test_data)
     notes.append(f"Early-answer chance rate on this task: {100 * chance:.1f}% (the same test on the test split's "
@@ -498,6 +513,32 @@ def paired_rows(scores: dict[str, dict[str, list[float]]], only: set[str] | None
             for a, b in PAIRS if a in scores and b in scores]
 
 
+def test_questions(test_data: str) -> dict[str, str]:
+    """The test split's questions by the problem id its ``toy.jsonl`` rows carry (the row's ``id``, else
+    its index)."""
+    from aropd.paths import resolve
+    from aropd.toy import read_split
+
+    return {str(r["id"]) if r.get("id") is not None else str(i): r["question"]
+            for i, r in enumerate(read_split(resolve(test_data)))}
+
+
+def step_rates(run_dir: Path, questions: dict[str, str]) -> dict[str, float | None]:
+    """Non-sequitur and rejoin steps (``aropd.toy.check_steps``) per written step of the run's last
+    validation responses: how far the student's steps follow from its own earlier ones."""
+    from aropd.toy import check_steps
+
+    results = runs.final_results(run_dir)
+    rows = results.parent / f"{BENCH}.jsonl" if results else None
+    steps = non_seq = rejoins = 0
+    for line in rows.read_text().splitlines() if rows and rows.is_file() else []:
+        if line.strip():
+            row = json.loads(line)
+            c = check_steps(questions[str(row["id"])], row["response"])
+            steps, non_seq, rejoins = steps + c.steps, non_seq + c.non_sequiturs, rejoins + c.rejoins
+    return {"non_seq": non_seq / steps if steps else None, "rejoin": rejoins / steps if steps else None}
+
+
 def long_problems(test_data: str, bucket: str, limit: int | None = None) -> set[str]:
     """Ids of the (first ``limit``) test problems whose reference solution is ``bucket`` long
     (``len_<lo>_<hi>``), in toy-base tokens (``aropd.toy.approx_response_tokens``, exact for that
@@ -506,14 +547,12 @@ def long_problems(test_data: str, bucket: str, limit: int | None = None) -> set[
     import torch
 
     from aropd.buckets import bucket_index, bucket_names
-    from aropd.paths import resolve
-    from aropd.toy import approx_response_tokens, parse_question, read_split
+    from aropd.toy import approx_response_tokens, parse_question
 
-    rows = read_split(resolve(test_data))[:limit]
-    lengths = torch.tensor([approx_response_tokens(len(parse_question(r["question"])[1])) for r in rows])
+    rows = list(test_questions(test_data).items())[:limit]
+    lengths = torch.tensor([approx_response_tokens(len(parse_question(q)[1])) for _, q in rows])
     want = bucket_names("len").index(bucket)
-    return {str(r["id"]) if r.get("id") is not None else str(i)
-            for i, (r, b) in enumerate(zip(rows, bucket_index(lengths).tolist())) if b == want}
+    return {pid for (pid, _), b in zip(rows, bucket_index(lengths).tolist()) if b == want}
 
 
 def run_study(s: Study, force: bool = False, table_only: bool = False) -> int:
