@@ -178,6 +178,68 @@ def test_copy_figures_match_a_naive_per_position_loop(tiny_run):
         (sums[("kl", "hidden")] / n["hidden"]) / (sums[("kl", "shown")] / n["shown"]), rel=1e-4)
 
 
+def test_slipped_trace_by_hand():
+    p = {"question": "Working mod 100, apply -2 and +5 in turn from #3 down to #1, starting at 98.",
+         "reasoning": "#3 -2 on 98=96. #2 +5 on 96=01. #1 -2 on 01=99.", "answer": "99"}
+    # 96 slipped by 50 is 46; on 46, +5 gives 51 (the response's own chain), where the reference has 01
+    assert pb.slipped_trace(p, 0) == ("#3 -2 on 98=46. #2 +5 on 46=", 51, 1)
+    # 01 slipped is 51; on 51, -2 gives 49, the reference 99
+    assert pb.slipped_trace(p, 1) == ("#3 -2 on 98=96. #2 +5 on 96=51. #1 -2 on 51=", 49, 99)
+    with pytest.raises(ValueError, match="needs a step after it"):
+        pb.slipped_trace(p, 2)
+
+
+def test_slip_report_matches_a_naive_token_by_token_product(tiny_run):
+    """slip_report against the probability of each value as a product over its tokens, one forward per
+    token, the slipped text written out here from the problem's own steps."""
+    import random
+
+    _, result = tiny_run
+    tok, model, t = result.tokenizer, result.model.eval(), TOY_TEMPLATE
+    rng = random.Random(7)
+    problems = [make_problem(rng, n) for n in (2, 3, 5, 6)]
+    got = pb.slip_report(model, tok, t, problems, 0.5)
+
+    def prob(prompt, text, value):
+        head = tok("<reasoning>" + text, add_special_tokens=False)["input_ids"]
+        ids = tok("<reasoning>" + text + f"{value:02d}", add_special_tokens=False)["input_ids"]
+        out = 1.0
+        with torch.no_grad():
+            for k in range(len(head), len(ids)):
+                logits = model(input_ids=torch.tensor([prompt + ids[:k]])).logits[0, -1]
+                out *= torch.softmax(logits.double(), -1)[ids[k]].item()
+        return out
+
+    want = {}
+    for p in problems:
+        steps = p["reasoning"].split(" ")  # "#i", "<op>k", "on", "aa=bb." per step
+        steps = [" ".join(steps[i : i + 4]) for i in range(0, len(steps), 4)]
+        shown = partial_view(p["reasoning"], 0.5).count(".")
+        prompts = {"student": render(tok, t.student_messages(p["question"])),
+                   "full": render(tok, t.teacher_messages(p["question"], p["reasoning"], p["answer"])),
+                   "partial": render(tok, t.teacher_messages(p["question"], partial_view(p["reasoning"], 0.5), p["answer"]))}
+        for part, j in (("hidden", shown), ("shown", 0)):
+            if (part == "hidden" and j + 1 >= len(steps)) or (part == "shown" and shown < 2):
+                continue
+            a, b = steps[j].split(" on ")[1].rstrip(".").split("=")
+            slipped = f"{(int(b) + 50) % 100:02d}"
+            label, op = steps[j + 1].split(" ")[:2]
+            text = " ".join(steps[:j] + [steps[j].replace(f"={b}.", f"={slipped}.")]) + f" {label} {op} on {slipped}="
+            from aropd.toy import apply_op
+
+            own, ref = apply_op(int(slipped), op[0], int(op[1:])), int(steps[j + 1].split("=")[1].rstrip("."))
+            w = want.setdefault(part, {"problems": 0})
+            w["problems"] += 1
+            for view, prompt in prompts.items():
+                for name, value in (("own", own), ("ref", ref)):
+                    w[f"p_{name}_{view}"] = w.get(f"p_{name}_{view}", 0.0) + prob(prompt, text, value)
+    assert set(got) == set(want) == {"hidden", "shown"}
+    for part, w in want.items():
+        assert got[part]["problems"] == w["problems"]
+        assert got[part] == pytest.approx({k: (v / w["problems"] if k != "problems" else v) for k, v in w.items()},
+                                          rel=1e-4, abs=1e-7), part
+
+
 def test_probes_leave_the_weights_alone_and_log_each_probed_models_figures(tiny_run, tmp_path):
     root, _ = tiny_run
     # max_steps 1: the longer val problems are the probe's long ones

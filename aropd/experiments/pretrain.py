@@ -61,7 +61,7 @@ from aropd.data import PrivilegedExample, build_example, pad
 from aropd.divergences import forward_kl
 from aropd.models import train_tiny_tokenizer
 from aropd.paths import resolve
-from aropd.toy import STEP_TOKENS, TOY_TEMPLATE, make_problem, parse_question, read_split, scramble
+from aropd.toy import MOD, STEP_TOKENS, TOY_TEMPLATE, apply_op, make_problem, parse_question, read_split, scramble
 from aropd.views import Budgets, PromptTemplate, partial_view
 
 VIEWS = ("student", "full", "partial")  # the prompt fields of aropd.data.PrivilegedExample
@@ -492,6 +492,70 @@ def _view_sums(
     return out
 
 
+SLIP_SHIFT = 50  # a slipped result is the correct one + 50 (mod 100): its tens digit differs
+
+
+def slipped_trace(problem: dict[str, str], j: int) -> tuple[str, int, int]:
+    """The reference trace of ``problem`` up to step ``j + 1``'s ``=``, with step ``j``'s (0-based)
+    result slipped by :data:`SLIP_SHIFT` and step ``j + 1`` written on the slipped value, as a student
+    that slipped there writes it; then the result that follows from it (the response's own chain) and
+    the reference's result of step ``j + 1``. They differ: every operation is a bijection."""
+    value, chain = parse_question(problem["question"])
+    n, lines = len(chain), []
+    if not 0 <= j < n - 1:
+        raise ValueError(f"a slip at step {j} needs a step after it; the problem has {n}")
+    for i, (op, k) in enumerate(chain[: j + 1]):
+        new = apply_op(value, op, k)
+        written = (new + SLIP_SHIFT) % MOD if i == j else new
+        lines.append(f"#{n - i} {op}{k} on {value:02d}={written:02d}.")
+        value = new
+    op, k = chain[j + 1]
+    lines.append(f"#{n - j - 1} {op}{k} on {written:02d}=")
+    return " ".join(lines), apply_op(written, op, k), apply_op(value, op, k)
+
+
+@torch.no_grad()
+def slip_report(model: Any, tok: Any, template: PromptTemplate, problems: list[dict[str, str]], ratio: float) -> dict:
+    """What each prompt predicts right after a response's slip: the hindsight shortcut, measured.
+
+    Each problem's reference trace with one result slipped (:func:`slipped_trace`), and the next step
+    written on the slipped value. Per prompt, the mean probability of the next result that follows the
+    response's own chain, ``p_own_<view>``, and of the reference's next result, ``p_ref_<view>``. A
+    view that copies its example trace endorses the reference's value, which the response's steps do
+    not lead to; a student distilled towards it learns results that do not follow from their inputs
+    (``aropd.toy.check_steps``). Two places, each over the problems that have it: ``hidden``, a slip
+    at the first step the partial view hides (the next step hidden too); ``shown``, at the first step
+    when the partial view shows the next one too.
+    """
+    model.eval()
+    out = {}
+    for part in ("hidden", "shown"):
+        sums, n = {}, 0
+        for p in problems:
+            steps, shown = n_steps(p), shown_steps(p, ratio)
+            j = shown if part == "hidden" else 0
+            if (part == "hidden" and j + 1 >= steps) or (part == "shown" and shown < 2):
+                continue
+            text, own, ref = slipped_trace(p, j)
+            prefix = tok(template.trace_head + text, add_special_tokens=False)["input_ids"]
+            ex = example(tok, template, p, ratio)
+            for v in VIEWS:
+                prompt = getattr(ex, v)
+                for name, value in (("own", own), ("ref", ref)):
+                    ids = tok(template.trace_head + text + f"{value:02d}", add_special_tokens=False)["input_ids"]
+                    if ids[: len(prefix)] != prefix:
+                        raise ValueError(f"the tokenizer merges the value into the text before it: {text!r}")
+                    seq = torch.tensor([prompt + ids])
+                    lp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+                    start = len(prompt) + len(prefix)
+                    logp = sum(lp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1]))
+                    sums[f"p_{name}_{v}"] = sums.get(f"p_{name}_{v}", 0.0) + math.exp(logp)
+            n += 1
+        if n:
+            out[part] = {"problems": n, **{k: v / n for k, v in sorted(sums.items())}}
+    return out
+
+
 def _view_means(per_problem: list[Sums]) -> dict[str, float]:
     """The figures of :func:`view_divergence` from the per-problem sums of a set of problems."""
     sums: dict[str, float] = {}
@@ -684,7 +748,7 @@ def pretrain(args: PretrainArgs) -> Result:
 
 
 def record_views(out: str | Path, threads: int = 2) -> dict:
-    """Recompute the copy figures (:func:`views_report`: ``views`` and ``views_by_length``) of the model
+    """Recompute the copy figures (:func:`views_report`: ``views``, ``views_by_length``, ``after_slip``) of the model
     in ``out`` into its ``pretrain.json``; they are returned.
 
     For a base pretrained before a figure was added: its recorded ``args`` (``splits``, ``kl_limit``,
@@ -710,12 +774,13 @@ def views_report(model: Any, tok: Any, problems: list[dict[str, str]], ratio: fl
     within the training step range (``short``: at most ``max_steps`` steps) and on the longer ones
     (``long``), each present when it has problems. The long traces hold most of the tokens of a test
     split with long problems, and a full view can copy the short ones and not the long, so the
-    overall figures alone would hide either.
+    overall figures alone would hide either. ``after_slip``: :func:`slip_report` on the same problems.
     """
     per_problem = _view_sums(model, tok, TOY_TEMPLATE, problems, ratio)
     short = [n_steps(p) <= max_steps for p in problems]
     groups = {"short": [x for x, k in zip(per_problem, short) if k], "long": [x for x, k in zip(per_problem, short) if not k]}
-    return {"views": _view_means(per_problem), "views_by_length": {k: _view_means(g) for k, g in groups.items() if g}}
+    return {"views": _view_means(per_problem), "views_by_length": {k: _view_means(g) for k, g in groups.items() if g},
+            "after_slip": slip_report(model, tok, TOY_TEMPLATE, problems, ratio)}
 
 
 def n_steps(problem: dict[str, str]) -> int:
