@@ -63,7 +63,11 @@ def unsupported(model: nn.Module, length: int) -> str | None:
 
 
 def _packs(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    # oneDNN's bf16 linear needs AVX-512 (or AVX-NE-CONVERT); on an AVX2-only CPU it raises, so bf16
+    # there takes F.linear.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
