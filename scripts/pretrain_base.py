@@ -10,8 +10,9 @@ a stage that continues their model on long problems (``LONG_STAGE``, about 15 mi
     python scripts/pretrain_base.py --out runs/toy-base-stage1
     python scripts/pretrain_base.py --long-stage --init runs/toy-base-stage1 --out aropd/assets/toy-base
 
-``--views-only`` trains nothing: it recomputes the copy figures (``views``) of the model already in
-``--out`` into its ``pretrain.json``, on the problems its recorded args name.
+``--views-only`` trains nothing: it recomputes the copy figures (``views``, ``views_by_length``) and
+the after-slip figures (``after_slip``) of the model already in ``--out`` into its ``pretrain.json``,
+on the problems its recorded args name.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainArgs, bool]:
                    help="the committed base's second run: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in LONG_STAGE.items())
                    + " (needs --init; an option given explicitly keeps its value)")
     p.add_argument("--views-only", action="store_true",
-                   help="train nothing: recompute the copy figures of the model in --out into its pretrain.json")
+                   help="train nothing: recompute the copy and after-slip figures of the model in --out into its pretrain.json")
     if "--long-stage" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**LONG_STAGE)  # explicit options still win over the stage's values
     a = vars(p.parse_args(argv))

@@ -28,7 +28,9 @@ arithmetic first). That copy holds only for traces of at most ``max_steps`` step
 copy examples had; the second run's long copy examples extend it to 90 steps. On the test problems
 the full view then predicts the tokens the partial view hides almost exactly
 (``copy_nll_ratio_hidden`` ~0.05 short, ~0.002 long) and the partial view copies what it is shown,
-so the views disagree about a hundred times more on hidden than on shown tokens.
+so the views disagree about a hundred times more on hidden than on shown tokens. Right after a
+response's slip in the hidden steps the full view still gives the reference's next result (0.83)
+where the partial view and the student follow the response's own chain (:func:`slip_report`).
 
 Options: ``copy_frac`` (a copy curriculum: full-view examples whose shown trace has random
 results, so only copying predicts them), with ``copy_long_frac`` of them long and
