@@ -32,11 +32,12 @@ The table (``<root>/table.md``) has, per method, mean ± sample std over seeds o
 - **Shift @1**: ``diag/privileged_shift`` at the first step, where the teacher is still the base
   model: how much the privileged views differ on the base model.
 
-- **Non-seq. steps**: the share of the written steps of the final validation responses that do not
-  follow from the response's own earlier steps (``aropd.toy.check_steps``; percent): the student's
-  slips, and also what a target that endorses the reference's values after a slip teaches;
-- **Rejoins**: the share of written steps that are non-sequiturs landing back on the correct chain
-  after the response has left it (percent): the hindsight shortcut itself, in the student's output.
+- **Non-seq. steps**: the share of a final validation response's written steps that do not follow
+  from the response's own earlier steps (``aropd.toy.check_steps``), averaged over the responses
+  (percent; :func:`step_rates`): the student's slips, and also what a target that endorses the
+  reference's values after a slip teaches;
+- **Rejoins**: the same for the non-sequiturs that land back on the correct chain after the response
+  has left it (percent): the hindsight shortcut itself, in the student's output.
 
 SFT has no rollout and no teacher, Base no training: their diagnostic columns are ``n/a`` (the
 last two come from the validation responses, so every row has them).
@@ -434,7 +435,7 @@ def make_table(planned: list[StudyRun], s: Study) -> str:
         "Mean ± sample std over seeds (± 0.0: one run). Shortcut, early answer and privileged shift are "
         "means over all logged training steps; Shift @step 1 is the first step (teacher = base model). "
         "Base: one greedy validation, no training; SFT: no rollout or teacher, so n/a. Non-seq. steps and "
-        "rejoins: per 100 steps of the validation responses (`aropd.toy.check_steps`).",
+        "rejoins: per 100 steps of a validation response (`aropd.toy.check_steps`), averaged over the responses.",
     ]
     chance = early_answer_chance(s.test_data)
     notes.append(f"Early-answer chance rate on this task: {100 * chance:.1f}% (the same test on the test split's "
@@ -524,19 +525,25 @@ def test_questions(test_data: str) -> dict[str, str]:
 
 
 def step_rates(run_dir: Path, questions: dict[str, str]) -> dict[str, float | None]:
-    """Non-sequitur and rejoin steps (``aropd.toy.check_steps``) per written step of the run's last
-    validation responses: how far the student's steps follow from its own earlier ones."""
+    """Non-sequitur and rejoin steps (``aropd.toy.check_steps``) as a share of a response's written
+    steps, averaged over the run's last validation responses that wrote a step: how far the student's
+    steps follow from its own earlier ones. Each response weighs the same: pooled over steps, the
+    few long problems (up to 90 steps, whose arithmetic a toy base mostly gets wrong) would outweigh
+    the short ones that training is on."""
     from aropd.toy import check_steps
 
     results = runs.final_results(run_dir)
     rows = results.parent / f"{BENCH}.jsonl" if results else None
-    steps = non_seq = rejoins = 0
+    shares = []
     for line in rows.read_text().splitlines() if rows and rows.is_file() else []:
         if line.strip():
             row = json.loads(line)
             c = check_steps(questions[str(row["id"])], row["response"])
-            steps, non_seq, rejoins = steps + c.steps, non_seq + c.non_sequiturs, rejoins + c.rejoins
-    return {"non_seq": non_seq / steps if steps else None, "rejoin": rejoins / steps if steps else None}
+            if c.steps:
+                shares.append((c.non_sequiturs / c.steps, c.rejoins / c.steps))
+    if not shares:
+        return {"non_seq": None, "rejoin": None}
+    return {"non_seq": statistics.fmean(n for n, _ in shares), "rejoin": statistics.fmean(r for _, r in shares)}
 
 
 def long_problems(test_data: str, bucket: str, limit: int | None = None) -> set[str]:
