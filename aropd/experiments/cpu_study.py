@@ -357,7 +357,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def run_values(run: StudyRun, bucket: str | None, questions: dict[str, str]) -> dict[str, float | None]:
     """The table's numbers of one finished run (fractions, not percent); ``questions``: the test split's
-    questions by problem id (:func:`test_questions`)."""
+    questions by problem id (:func:`split_questions`)."""
     toy = run.results() or {}
     out: dict[str, float | None] = {"acc": toy["accuracy"], "long_acc": toy.get(f"acc_{bucket}") if bucket else None,
                                     "long_n": toy.get(f"count_{bucket}") if bucket else None}
@@ -413,7 +413,7 @@ RESPONSE_COLUMNS = ("acc", "long_acc", "long_n", "non_seq", "rejoin")
 def make_table(planned: list[StudyRun], s: Study) -> str:
     finished = [r for r in planned if r.finished()]
     bucket = longest_common_bucket(finished) if finished else None
-    questions = test_questions(s.test_data)
+    questions = split_questions(s.test_data)
     values = {r.name: run_values(r, bucket, questions) for r in finished}  # one read of each run's events for both tables
     header = ["Method", "Seeds"] + [h.format(bucket=(bucket or "none").removeprefix("len_").replace("_", "–"))
                                     for _, h, _, _ in COLUMNS]
@@ -514,7 +514,7 @@ def paired_rows(scores: dict[str, dict[str, list[float]]], only: set[str] | None
             for a, b in PAIRS if a in scores and b in scores]
 
 
-def test_questions(test_data: str) -> dict[str, str]:
+def split_questions(test_data: str) -> dict[str, str]:
     """The test split's questions by the problem id its ``toy.jsonl`` rows carry (the row's ``id``, else
     its index)."""
     from aropd.paths import resolve
@@ -556,7 +556,7 @@ def long_problems(test_data: str, bucket: str, limit: int | None = None) -> set[
     from aropd.buckets import bucket_index, bucket_names
     from aropd.toy import approx_response_tokens, parse_question
 
-    rows = list(test_questions(test_data).items())[:limit]
+    rows = list(split_questions(test_data).items())[:limit]
     lengths = torch.tensor([approx_response_tokens(len(parse_question(q)[1])) for _, q in rows])
     want = bucket_names("len").index(bucket)
     return {pid for (pid, _), b in zip(rows, bucket_index(lengths).tolist()) if b == want}
