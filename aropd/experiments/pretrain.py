@@ -530,17 +530,17 @@ def slip_report(model: Any, tok: Any, template: PromptTemplate, problems: list[d
     when the partial view shows the next one too.
     """
     model.eval()
-    out = {}
-    for part in ("hidden", "shown"):
-        sums, n = {}, 0
-        for p in problems:
-            steps, shown = n_steps(p), shown_steps(p, ratio)
-            j = shown if part == "hidden" else 0
-            if (part == "hidden" and j + 1 >= steps) or (part == "shown" and shown < 2):
+    sums: dict[str, dict[str, float]] = {"hidden": {}, "shown": {}}
+    counts = {"hidden": 0, "shown": 0}
+    for p in problems:
+        steps, shown = n_steps(p), shown_steps(p, ratio)
+        slips = {"hidden": shown if shown + 1 < steps else None, "shown": 0 if shown >= 2 else None}
+        ex = example(tok, template, p, ratio)
+        for part, j in slips.items():
+            if j is None:
                 continue
             text, own, ref = slipped_trace(p, j)
             prefix = tok(template.trace_head + text, add_special_tokens=False)["input_ids"]
-            ex = example(tok, template, p, ratio)
             for v in VIEWS:
                 prompt = getattr(ex, v)
                 for name, value in (("own", own), ("ref", ref)):
@@ -551,11 +551,11 @@ def slip_report(model: Any, tok: Any, template: PromptTemplate, problems: list[d
                     lp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
                     start = len(prompt) + len(prefix)
                     logp = sum(lp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1]))
-                    sums[f"p_{name}_{v}"] = sums.get(f"p_{name}_{v}", 0.0) + math.exp(logp)
-            n += 1
-        if n:
-            out[part] = {"problems": n, **{k: v / n for k, v in sorted(sums.items())}}
-    return out
+                    key = f"p_{name}_{v}"
+                    sums[part][key] = sums[part].get(key, 0.0) + math.exp(logp)
+            counts[part] += 1
+    return {part: {"problems": n, **{k: v / n for k, v in sorted(sums[part].items())}}
+            for part, n in counts.items() if n}
 
 
 def _view_means(per_problem: list[Sums]) -> dict[str, float]:
